@@ -1,0 +1,3 @@
+"""Train and serve small neural classifiers of customer purchase behaviour."""
+
+__version__ = "0.1.0"

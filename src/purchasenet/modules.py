@@ -1,0 +1,209 @@
+"""LightningModules for the binary (will this visitor buy?) and multiclass (which segment?) tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+)
+
+from purchasenet.errors import ConfigError
+from purchasenet.inference import BUNDLE_KEY
+from purchasenet.nets import MLP
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+DEFAULT_ACTIVATION = {"_target_": "torch.nn.ReLU"}
+
+
+class PurchaseClassifier(L.LightningModule):
+    """An MLP trained on encoded rows; the subclasses define the task's loss and metrics.
+
+    ``bundle`` holds everything serving needs besides the weights (feature encoder, class
+    names, configuration); it is written into every checkpoint as plain data.
+    """
+
+    task = ""
+
+    def __init__(
+        self,
+        input_size: int,
+        class_names: Sequence[str],
+        hidden_sizes: Sequence[int] = (16, 16),
+        activation: Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        class_weights: Sequence[float] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.net = MLP(
+            input_size,
+            self.output_size(len(class_names)),
+            hidden_sizes=list(hidden_sizes),
+            activation=dict(activation or DEFAULT_ACTIVATION),
+            dropout=dropout,
+        )
+        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.scheduler_factory = scheduler
+        if class_weights is not None:
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+        else:
+            self.class_weights = None
+        metrics = self.build_metrics(len(class_names))
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        self.bundle: dict[str, Any] = {}
+
+    @staticmethod
+    def output_size(num_classes: int) -> int:
+        raise NotImplementedError
+
+    def build_metrics(self, num_classes: int) -> MetricCollection:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics read: probabilities (binary) or class probabilities."""
+        raise NotImplementedError
+
+    def net_config(self) -> dict[str, Any]:
+        return {
+            "input_size": self.hparams.input_size,
+            "output_size": self.output_size(len(self.hparams.class_names)),
+            "hidden_sizes": list(self.hparams.hidden_sizes),
+            "activation": dict(self.hparams.activation or DEFAULT_ACTIVATION),
+            "dropout": self.hparams.dropout,
+        }
+
+    def stage_metrics(self, stage: str) -> MetricCollection:
+        return getattr(self, f"{stage}_metrics")
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = self.loss(logits, targets)
+        self.stage_metrics(stage).update(self.scores(logits.detach()), targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict(values, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[BUNDLE_KEY] = {**self.bundle, "task": self.task, "net": self.net_config()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bundle = dict(checkpoint.get(BUNDLE_KEY, {}))
+
+
+class BinaryPurchaseClassifier(PurchaseClassifier):
+    """Will this visitor buy? One logit, BCE-with-logits loss, sigmoid purchase probability."""
+
+    task = "binary"
+
+    @staticmethod
+    def output_size(num_classes: int) -> int:
+        if num_classes != 2:
+            raise ConfigError(
+                f"model=binary needs a data set with 2 classes, this one has {num_classes}; "
+                "use model=multiclass"
+            )
+        return 1
+
+    def build_metrics(self, num_classes: int) -> MetricCollection:
+        return MetricCollection(
+            {"acc": BinaryAccuracy(), "auroc": BinaryAUROC(), "f1": BinaryF1Score()}
+        )
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos_weight = None
+        if self.class_weights is not None:
+            pos_weight = self.class_weights[1] / self.class_weights[0]
+        return F.binary_cross_entropy_with_logits(
+            logits.squeeze(-1), targets, pos_weight=pos_weight
+        )
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.squeeze(-1))
+
+
+class SegmentClassifier(PurchaseClassifier):
+    """Which behaviour segment? One logit per class, cross-entropy loss, softmax probabilities."""
+
+    task = "multiclass"
+
+    @staticmethod
+    def output_size(num_classes: int) -> int:
+        if num_classes < 3:
+            raise ConfigError(
+                f"model=multiclass needs a data set with 3 or more classes, this one has "
+                f"{num_classes}; use model=binary"
+            )
+        return num_classes
+
+    def build_metrics(self, num_classes: int) -> MetricCollection:
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)

@@ -1,0 +1,194 @@
+"""Train one classifier from a composed config, test its best checkpoint, report where it went."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from purchasenet.inference import BUNDLE_KEY
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_ENV = "PURCHASENET_RUN_NAME"
+
+
+def activation_name(activation: DictConfig | dict) -> str:
+    return str(activation["_target_"]).rsplit(".", 1)[-1].lower()
+
+
+def resolve_run_name(cfg: DictConfig) -> str:
+    """The run's folder name, unique under logs/ and checkpoints/.
+
+    Child processes of a multi-process strategy inherit the name through the environment,
+    so every process writes into the same run.
+    """
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    if os.environ.get(RUN_NAME_ENV):
+        return os.environ[RUN_NAME_ENV]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{cfg.data.name}-{cfg.model.name}-{activation_name(cfg.activation)}-{stamp}"
+    name, suffix = base, 1
+    while (Path(cfg.paths.log_dir) / name).exists() or (
+        Path(cfg.paths.checkpoint_dir) / name
+    ).exists():
+        suffix += 1
+        name = f"{base}-{suffix}"
+    return name
+
+
+def build_datamodule(data_cfg: DictConfig | dict):
+    """Instantiate and set up the data module; data errors surface here, before any writing."""
+    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule.setup()
+    return datamodule
+
+
+def build_model(cfg: DictConfig, datamodule):
+    factory = instantiate(cfg.model, _partial_=True, _convert_="all")
+    factory.keywords.pop("name", None)
+    return factory(
+        input_size=datamodule.input_size,
+        class_names=datamodule.class_names,
+        activation=OmegaConf.to_container(cfg.activation, resolve=True),
+        name=cfg.model.name,
+    )
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(item) for item in group.values() if item and "_target_" in item]
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """One copy of each Lightning message on the console, without adverts or noise."""
+    logging.getLogger("lightning.pytorch").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    for message in (
+        r".*isinstance\(treespec, LeafSpec\)",
+        r".*smaller than the logging interval",
+        r".*does not have many workers",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model, test its best checkpoint and return every logged metric."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    quiet_lightning()
+
+    run_name = resolve_run_name(cfg)
+    os.environ[RUN_NAME_ENV] = run_name
+    with open_dict(cfg):
+        cfg.run_name = run_name
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg.data)
+    model = build_model(cfg, datamodule)
+    model.bundle = {
+        "format_version": 1,
+        "run_name": run_name,
+        "dataset": datamodule.name,
+        "target": datamodule.describe()["target"],
+        "class_names": datamodule.class_names,
+        "encoder": datamodule.encoder.state_dict(),
+        "data": datamodule.describe(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "test_metrics": {},
+    }
+
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(_flat_hparams(cfg))
+
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_seconds = time.perf_counter() - started
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics["time/fit_seconds"] = fit_seconds
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    if cfg.get("test") and best_path:
+        results = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best_path, weights_only=True, verbose=False
+        )
+        test_metrics = {key: float(value) for key, value in results[0].items()}
+        metrics.update(test_metrics)
+        if trainer.is_global_zero:
+            store_test_metrics(best_path, test_metrics)
+
+    if trainer.is_global_zero:
+        for logger in loggers:
+            if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
+                logger.experiment.add_scalar("time/fit_seconds", fit_seconds, trainer.global_step)
+            logger.finalize("success")
+        print_summary(run_name, metrics, loggers, best_path, datamodule)
+    return metrics
+
+
+def store_test_metrics(checkpoint_path: str, test_metrics: dict[str, float]) -> None:
+    """Add the test metrics to the checkpoint's bundle, replacing the file atomically."""
+    path = Path(checkpoint_path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint[BUNDLE_KEY]["test_metrics"] = dict(test_metrics)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            flat[prefix] = str(list(value))
+        else:
+            flat[prefix] = value
+
+    walk("", {k: v for k, v in plain.items() if k not in ("paths",)})
+    return flat
+
+
+def print_summary(run_name, metrics, loggers, best_path, datamodule) -> None:
+    ceiling = datamodule.dataset.bayes_accuracy
+    lines = [f"\nRun {run_name} finished."]
+    test_keys = sorted(key for key in metrics if key.startswith("test/"))
+    if test_keys:
+        rows = datamodule.describe()["sizes"].get("test", 0)
+        lines.append(f"Test metrics of the best checkpoint ({rows:,} rows):")
+        lines += [f"  {key:<18} {metrics[key]:.4f}" for key in test_keys]
+        if ceiling is not None:
+            lines.append(f"  {'bayes ceiling':<18} {ceiling:.4f}")
+    lines.append(f"  {'fit time':<18} {metrics['time/fit_seconds']:.1f} s")
+    for logger in loggers:
+        if getattr(logger, "log_dir", None):
+            lines.append(f"TensorBoard run:   {logger.log_dir}  (tensorboard --logdir logs)")
+    if best_path:
+        lines.append(f"Best checkpoint:   {best_path}")
+    print("\n".join(lines), flush=True)
