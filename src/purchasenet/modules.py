@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -57,7 +58,7 @@ class PurchaseClassifier(L.LightningModule):
             activation=dict(activation or DEFAULT_ACTIVATION),
             dropout=dropout,
         )
-        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=0.01)
         self.scheduler_factory = scheduler
         if class_weights is not None:
             self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))

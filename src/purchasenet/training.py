@@ -175,6 +175,13 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def print_summary(run_name, metrics, loggers, best_path, datamodule) -> None:
     ceiling = datamodule.dataset.bayes_accuracy
     lines = [f"\nRun {run_name} finished."]
@@ -190,5 +197,5 @@ def print_summary(run_name, metrics, loggers, best_path, datamodule) -> None:
         if getattr(logger, "log_dir", None):
             lines.append(f"TensorBoard run:   {logger.log_dir}  (tensorboard --logdir logs)")
     if best_path:
-        lines.append(f"Best checkpoint:   {best_path}")
+        lines.append(f"Best checkpoint:   {_relative(best_path)}")
     print("\n".join(lines), flush=True)

@@ -1,0 +1,82 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FeatureSpec
+from purchasenet.nets import MLP, build_activation
+
+SPECS = [
+    FeatureSpec("minutes", NUMERIC, minimum=0.0),
+    FeatureSpec("pages", NUMERIC, minimum=0.0, transform="log1p"),
+    FeatureSpec("device", CATEGORICAL),
+    FeatureSpec("region", CATEGORICAL),
+]
+COLUMNS = {
+    "minutes": [1.0, 3.0, 5.0, 7.0],
+    "pages": [0, 9, 99, 999],
+    "device": ["phone", "desktop", "phone", "tablet"],
+    "region": [3, 1, 2, 1],
+}
+
+
+def test_encoder_standardises_numbers_and_one_hot_encodes_categories():
+    encoder = FeatureEncoder.fit(SPECS, COLUMNS)
+    encoded = encoder.transform(COLUMNS)
+
+    assert encoder.input_size == 1 + 1 + 3 + 3
+    assert encoded.dtype == np.float32 and encoded.shape == (4, 8)
+    np.testing.assert_allclose(encoded[:, 0], [-1.3416, -0.4472, 0.4472, 1.3416], atol=1e-4)
+    np.testing.assert_allclose(encoded[:, 1].mean(), 0.0, atol=1e-6)
+    np.testing.assert_array_equal(encoded[:, 2:5], [[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    assert encoder.features[3].categories == [1, 2, 3]
+
+
+def test_unseen_category_encodes_as_no_known_category():
+    encoder = FeatureEncoder.fit(SPECS, COLUMNS)
+    row = {"minutes": [2.0], "pages": [5], "device": ["smart-tv"], "region": [2]}
+    encoded = encoder.transform(row)
+    np.testing.assert_array_equal(encoded[0, 2:5], [0, 0, 0])
+    np.testing.assert_array_equal(encoded[0, 5:8], [0, 1, 0])
+
+
+def test_encoder_state_survives_a_weights_only_round_trip():
+    encoder = FeatureEncoder.fit(SPECS, COLUMNS)
+    buffer = io.BytesIO()
+    torch.save({"encoder": encoder.state_dict()}, buffer)
+    buffer.seek(0)
+    restored = FeatureEncoder.from_state_dict(torch.load(buffer, weights_only=True)["encoder"])
+    np.testing.assert_array_equal(restored.transform(COLUMNS), encoder.transform(COLUMNS))
+
+
+def test_unscaled_encoder_passes_numbers_through():
+    encoder = FeatureEncoder.fit(SPECS[:1], COLUMNS, scale=False)
+    np.testing.assert_array_equal(encoder.transform(COLUMNS)[:, 0], COLUMNS["minutes"])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(name="x", kind="text"), "kind must be"),
+        (dict(name="x", transform="sqrt"), "transform must be one of"),
+        (dict(name="x", transform="log1p"), "log1p needs a minimum"),
+    ],
+)
+def test_invalid_feature_specs_name_the_feature(spec, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureSpec(**spec)
+
+
+def test_mlp_has_the_requested_layers_and_output():
+    net = MLP(3, 4, hidden_sizes=[8, 5], activation={"_target_": "torch.nn.Tanh"}, dropout=0.1)
+    assert [layer.out_features for layer in net.linear_layers] == [8, 5, 4]
+    assert sum(isinstance(m, torch.nn.Tanh) for m in net) == 2
+    assert net(torch.zeros(6, 3)).shape == (6, 4)
+
+
+def test_activation_accepts_arguments_and_refuses_anything_outside_torch_nn():
+    leaky = build_activation({"_target_": "torch.nn.LeakyReLU", "negative_slope": 0.2})
+    assert leaky.negative_slope == 0.2
+    with pytest.raises(ValueError, match="activation._target_ must be one of"):
+        build_activation({"_target_": "os.system"})

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from purchasenet.errors import ConfigError
+from purchasenet.modules import BinaryPurchaseClassifier, SegmentClassifier
+
+
+def fit_steps(model, inputs, targets, steps=60):
+    optimizer = model.configure_optimizers()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model.loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_binary_classifier_outputs_one_logit_and_its_loss_falls():
+    torch.manual_seed(0)
+    model = BinaryPurchaseClassifier(input_size=2, class_names=["no", "yes"], hidden_sizes=[8])
+    inputs = torch.randn(64, 2)
+    targets = (inputs[:, 0] > 0).float()
+
+    assert model(inputs).shape == (64, 1)
+    losses = fit_steps(model, inputs, targets)
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.scores(model(inputs)).min() >= 0 and model.scores(model(inputs)).max() <= 1
+
+
+def test_segment_classifier_outputs_one_logit_per_class_and_its_loss_falls():
+    torch.manual_seed(0)
+    model = SegmentClassifier(input_size=2, class_names=list("abcd"), hidden_sizes=[16])
+    inputs = torch.randn(128, 2)
+    targets = (inputs[:, 0] > 0).long() * 2 + (inputs[:, 1] > 0).long()
+
+    assert model(inputs).shape == (128, 4)
+    losses = fit_steps(model, inputs, targets, steps=100)
+    assert losses[-1] < 0.5 * losses[0]
+    torch.testing.assert_close(model.scores(model(inputs)).sum(-1), torch.ones(128))
+
+
+def test_model_refuses_a_data_set_with_the_wrong_number_of_classes():
+    with pytest.raises(ConfigError, match="model=binary needs a data set with 2 classes"):
+        BinaryPurchaseClassifier(input_size=2, class_names=list("abcd"))
+    with pytest.raises(ConfigError, match="model=multiclass needs .* 3 or more classes"):
+        SegmentClassifier(input_size=2, class_names=["no", "yes"])
+
+
+def test_class_weights_make_the_rare_class_cost_more():
+    model = BinaryPurchaseClassifier(2, ["no", "yes"], class_weights=[1.0, 4.0])
+    logits = torch.zeros(2, 1)
+    miss_purchase = model.loss(logits[:1], torch.ones(1))
+    miss_browse = model.loss(logits[:1], torch.zeros(1))
+    assert miss_purchase.item() == pytest.approx(4 * miss_browse.item())

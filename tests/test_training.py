@@ -1,0 +1,128 @@
+"""End to end: train real models for a few epochs and inspect what a user would look at."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT
+from purchasenet.inference import BUNDLE_KEY, PurchaseModel
+from purchasenet.training import train
+
+COMMON_TAGS = {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "time/fit_seconds"}
+BINARY_TAGS = COMMON_TAGS | {"val/auroc", "test/auroc", "test/f1"}
+
+
+def scalar_tags(log_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def only_run(workdir: Path, kind: str) -> Path:
+    (run,) = list((workdir / kind).iterdir())
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_binary(tmp_path_factory):
+    from conftest import compose_train
+
+    workdir = tmp_path_factory.mktemp("binary")
+    cfg = compose_train(["trainer.max_epochs=8"], workdir)
+    return workdir, train(cfg)
+
+
+def test_binary_run_logs_the_tags_and_reaches_a_useful_accuracy(trained_binary):
+    workdir, metrics = trained_binary
+    tags = scalar_tags(only_run(workdir, "logs"))
+
+    assert BINARY_TAGS <= set(tags)
+    assert len(tags["val/acc"]) == 8
+    assert tags["train/loss"][-1] < tags["train/loss"][0]
+    assert tags["test/acc"][-1] == pytest.approx(metrics["test/acc"])
+    assert metrics["test/acc"] > 0.90
+
+
+def test_binary_checkpoint_is_self_contained_and_loads_weights_only(trained_binary):
+    workdir, metrics = trained_binary
+    run = only_run(workdir, "checkpoints")
+    assert {p.name for p in run.iterdir()} == {"best.ckpt", "last.ckpt"}
+
+    checkpoint = torch.load(run / "best.ckpt", weights_only=True)
+    bundle = checkpoint[BUNDLE_KEY]
+    assert bundle["task"] == "binary" and bundle["class_names"] == ["no_purchase", "purchase"]
+    assert bundle["test_metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert bundle["config"]["data"]["name"] == "browsing"
+
+    model = PurchaseModel.from_checkpoint(run / "best.ckpt")
+    probabilities = model.predict_proba({"browsing_time": [5.0, 15.0, 30.0, 60.0]})
+    assert np.all(np.diff(probabilities) >= 0)
+    assert model.decide(probabilities).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_multiclass_run_learns_the_four_segments(train_config, tmp_path):
+    metrics = train(train_config("model=multiclass", "activation=relu", "trainer.max_epochs=10"))
+    tags = scalar_tags(only_run(tmp_path, "logs"))
+
+    assert COMMON_TAGS <= set(tags)
+    assert metrics["test/acc"] > 0.75
+    model = PurchaseModel.from_checkpoint(only_run(tmp_path, "checkpoints") / "best.ckpt")
+    centres = {"browsing_time": [0.3, 0.8, 0.8, 0.3], "engagement": [0.3, 0.3, 0.8, 0.8]}
+    assert model.labels(model.decide(model.predict_proba(centres))) == [
+        "no_purchase", "window_shopping", "research_purchase", "impulse_purchase"
+    ]
+
+
+def test_shoppers_run_trains_on_the_real_sessions(train_config, tmp_path):
+    metrics = train(train_config("data=shoppers", "trainer.max_epochs=3"))
+    assert metrics["test/auroc"] > 0.85
+    model = PurchaseModel.from_checkpoint(only_run(tmp_path, "checkpoints") / "best.ckpt")
+    assert len(model.feature_names) == 17
+    assert model.metadata["test_metrics"]["test/auroc"] == pytest.approx(metrics["test/auroc"])
+
+
+def run_train_script(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_train_script_writes_logs_and_checkpoints_under_the_working_directory(tmp_path):
+    result = run_train_script(tmp_path, "trainer.max_epochs=2", "trainer.enable_progress_bar=false")
+
+    assert result.returncode == 0, result.stderr
+    run = only_run(tmp_path, "checkpoints")
+    assert run.name.startswith("browsing-binary-relu-")
+    assert (run / "best.ckpt").is_file()
+    assert f"Best checkpoint:   checkpoints/{run.name}/best.ckpt" in result.stdout
+    assert "test/acc" in result.stdout
+    assert (tmp_path / "logs" / run.name).is_dir()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["no_such_key=1"], "Key 'no_such_key' is not in struct"),
+        (["data=csv", "data.dataset.path=absent.csv", "data.dataset.target=bought",
+          "data.dataset.numeric=[minutes]"], "error: data.dataset.path: no such CSV file"),
+        (["data=csv", "data.dataset.path=visits.csv", "data.dataset.target=bought",
+          "data.dataset.numeric=[minutes]"], "error: visits.csv: missing column(s) ['bought']"),
+        (["data=behavior"], "error: model=binary needs a data set with 2 classes"),
+    ],
+)
+def test_train_script_user_errors_end_in_one_message_and_write_no_checkpoint(
+    tmp_path, overrides, message
+):
+    (tmp_path / "visits.csv").write_text("minutes,device\n3,phone\n")
+    result = run_train_script(tmp_path, *overrides)
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
