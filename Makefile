@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test serve tensorboard clean
+.PHONY: install train test serve tensorboard bench clean
 
 install: $(INSTALLED)
 
@@ -33,6 +33,10 @@ serve: install
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1 --port 6006
+
+# Training and serving against plain PyTorch / FastAPI baselines; wrk is used when installed.
+bench: install
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf logs .pytest_cache
