@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from purchasenet.errors import user_error_in
@@ -20,7 +22,8 @@ def run_training(cfg: DictConfig) -> float | None:
     from purchasenet.training import train
 
     try:
-        metrics = train(cfg)
+        with sweep_job_as_single_run():
+            metrics = train(cfg)
     except MissingMandatoryValue as error:
         fail(f"missing value for {error.full_key}: set it on the command line or in the config")
     except Exception as error:
@@ -29,3 +32,30 @@ def run_training(cfg: DictConfig) -> float | None:
             raise
         fail(str(cause))
     return metrics.get("val/acc_best")
+
+
+@contextmanager
+def sweep_job_as_single_run() -> Iterator[None]:
+    """Inside a sweep, let the command line and Hydra's run folder describe this job alone.
+
+    Lightning starts the other processes of a multi-process strategy by re-running the command
+    line with ``hydra.run.dir``; left as is, each of them would run the whole sweep again.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+
+    hydra_cfg = HydraConfig.get()
+    command_line, run_dir = sys.argv, hydra_cfg.run.dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = command_line
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
