@@ -34,6 +34,46 @@ def run_training(cfg: DictConfig) -> float | None:
     return metrics.get("val/acc_best")
 
 
+def _report_user_errors(action, cfg: DictConfig):
+    try:
+        return action(cfg)
+    except MissingMandatoryValue as error:
+        fail(f"missing value for {error.full_key}: set it on the command line, e.g. "
+             f"{error.full_key}=...")
+    except Exception as error:
+        cause = user_error_in(error)
+        if cause is None:
+            raise
+        fail(str(cause))
+
+
+def run_evaluation(cfg: DictConfig) -> None:
+    """Print the checkpoint's metrics on a split of its own data, beside those from training."""
+    from purchasenet.evaluation import evaluate_checkpoint
+
+    def evaluate(cfg: DictConfig) -> None:
+        model, metrics, rows = evaluate_checkpoint(cfg.ckpt_path, cfg.split)
+        stored = model.metadata.get("test_metrics", {})
+        print(f"Checkpoint {cfg.ckpt_path}: {model.metadata.get('dataset')} "
+              f"({model.task}), {cfg.split} split of {rows:,} rows")
+        for key, value in metrics.items():
+            at_training = f"   (training: {stored[key]:.4f})" if key in stored else ""
+            print(f"  {key:<18} {value:.4f}{at_training}")
+
+    _report_user_errors(evaluate, cfg)
+
+
+def run_prediction(cfg: DictConfig) -> None:
+    """Write the input CSV's rows with probability and prediction columns."""
+    from purchasenet.predictions import predict_file
+
+    def predict(cfg: DictConfig) -> None:
+        rows = predict_file(cfg.ckpt_path, cfg.input, cfg.output)
+        print(f"Scored {rows:,} rows of {cfg.input} with {cfg.ckpt_path}: wrote {cfg.output}")
+
+    _report_user_errors(predict, cfg)
+
+
 @contextmanager
 def sweep_job_as_single_run() -> Iterator[None]:
     """Inside a sweep, let the command line and Hydra's run folder describe this job alone.

@@ -69,7 +69,7 @@ def decision_boundary(
     shown = _sample(frame, max_points)
     for index, name in enumerate(class_names):
         rows = shown[shown[TARGET] == index]
-        axes.scatter(rows[first], rows[second], s=9, color=colour(index), edgecolors="white",
+        axes.scatter(rows[first], rows[second], s=10, color=colour(index), edgecolors="black",
                      linewidths=0.3, label=name)
     axes.set_xlabel(first)
     axes.set_ylabel(second)
