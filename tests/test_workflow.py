@@ -94,7 +94,7 @@ def test_sweep_writes_a_comparison_of_its_runs(tmp_path):
                                                         ["| activation=relu", "2"]]
     assert "model=multiclass" in table.split("|")[0]
     assert (sweep / "comparison.png").stat().st_size > 10_000
-    assert len(run_folders(tmp_path, "logs")) == 2 and len(run_folders(tmp_path, "checkpoints")) == 2
+    assert len(run_folders(tmp_path, "logs")) == len(run_folders(tmp_path, "checkpoints")) == 2
     assert "Comparison of 2 runs" in result.stdout
 
 
@@ -136,6 +136,22 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     assert rows == 1000
     for key, value in summary["test"].items():
         assert metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_sweep_runs_each_job_once_on_its_own_processes(tmp_path):
+    result = run_script(tmp_path, "train.py", "-m", "trainer=ddp", "trainer.devices=2",
+                        "trainer.accelerator=cpu", "activation=sigmoid,relu",
+                        "trainer.max_epochs=1", *QUICK)
+    assert result.returncode == 0, result.stderr
+
+    (sweep,) = (tmp_path / "logs" / "multirun").iterdir()
+    assert len(run_folders(tmp_path, "checkpoints")) == len(run_folders(tmp_path, "logs")) == 2
+    assert [s["overrides"][3] for s in find_summaries([sweep])] == [
+        "activation=sigmoid", "activation=relu"
+    ]
+    assert all((sweep / job / "train_ddp_process_1.log").is_file() for job in ("0", "1"))
+    assert not (tmp_path / "logs" / "hydra").exists()
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,9 @@ class TrainingFigures(Callback):
                                                max_points=self.max_points)
             tag = "figures/decision_boundary"
         elif len(names) == 1:
-            figure = figures.probability_curve(predict_proba, frame, names[0], class_names)
+            # The observed shares come from the training rows: more of them, less noise.
+            figure = figures.probability_curve(predict_proba, datamodule.splits.train, names[0],
+                                               class_names)
             tag = "figures/probability_curve"
         else:
             return
@@ -304,8 +306,9 @@ class RunSummary(Callback):
     def _record_finished_epoch(self, trainer) -> None:
         if self._epoch_ended is None:
             return
-        self._record(self._epoch_ended, {key: value for key, value in trainer.callback_metrics.items()
-                                         if not key.startswith("test/")})
+        metrics = trainer.callback_metrics
+        self._record(self._epoch_ended,
+                     {key: value for key, value in metrics.items() if not key.startswith("test/")})
         self._epoch_ended = None
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,10 +77,12 @@ def run_prediction(cfg: DictConfig) -> None:
 
 @contextmanager
 def sweep_job_as_single_run() -> Iterator[None]:
-    """Inside a sweep, let the command line and Hydra's run folder describe this job alone.
+    """Inside a sweep, run each job as if it were the only one, for multi-process strategies.
 
-    Lightning starts the other processes of a multi-process strategy by re-running the command
-    line with ``hydra.run.dir``; left as is, each of them would run the whole sweep again.
+    Lightning starts the other processes by re-running the command line with
+    ``hydra.run.dir``; left as is, each of them would run the whole sweep again. It also leaves
+    its process group and its variables (ranks, port) behind, which the next job would take for
+    a group already running.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -89,13 +92,18 @@ def sweep_job_as_single_run() -> Iterator[None]:
         return
 
     hydra_cfg = HydraConfig.get()
-    command_line, run_dir = sys.argv, hydra_cfg.run.dir
+    command_line, run_dir, environment = sys.argv, hydra_cfg.run.dir, dict(os.environ)
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
         yield
     finally:
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
         sys.argv = command_line
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = run_dir

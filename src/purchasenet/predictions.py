@@ -58,11 +58,12 @@ def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
 
 def predict_rows(model: PurchaseModel, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with probability columns and the predicted class name added."""
-    columns = {
-        name: pd.to_numeric(frame[name]) if feature.spec.kind == NUMERIC else frame[name]
-        for name, feature in zip(model.feature_names, model.encoder.features)
-    }
-    probabilities = model.predict_proba({name: values.to_numpy() for name, values in columns.items()})
+    columns = {}
+    for feature in model.encoder.features:
+        column = frame[feature.spec.name]
+        numeric = feature.spec.kind == NUMERIC
+        columns[feature.spec.name] = (pd.to_numeric(column) if numeric else column).to_numpy()
+    probabilities = model.predict_proba(columns)
     scored = frame.copy()
     if probabilities.ndim == 1:
         scored[f"probability_{model.class_names[-1]}"] = probabilities

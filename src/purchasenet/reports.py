@@ -77,7 +77,8 @@ def final(history: Sequence[Mapping[str, float]], key: str) -> float | None:
 
 def gradient_ratio(history: Sequence[Mapping[str, float]]) -> float | None:
     """Mean gradient norm of the first hidden layer over that of the output layer."""
-    pairs = [(r[FIRST_LAYER], r[LAST_LAYER]) for r in history if FIRST_LAYER in r and LAST_LAYER in r]
+    pairs = [(record[FIRST_LAYER], record[LAST_LAYER]) for record in history
+             if FIRST_LAYER in record and LAST_LAYER in record]
     if not pairs:
         return None
     first = sum(pair[0] for pair in pairs) / len(pairs)
@@ -206,10 +207,10 @@ def comparison_figure(summaries: Sequence[Mapping[str, Any]]):
                         label="best possible accuracy")
     axes[2].set_xticks([index + width * (len(test_keys) - 1) / 2 for index in range(len(labels))],
                        labels, rotation=25, ha="right", fontsize=7)
-    axes[2].set_ylim(0, 1.12)
+    axes[2].set_ylim(0, 1.3)
     axes[2].set_title("test metrics (best checkpoint)")
     if test_keys:
-        axes[2].legend(fontsize=7, loc="lower right")
+        axes[2].legend(fontsize=7, loc="upper left", ncol=2)
     figure.tight_layout()
     return figure
 
