@@ -196,13 +196,18 @@ class TrainingFigures(Callback):
         writer.add_image(tag, figures.to_image(figure), step, dataformats="HWC")
 
 
-def _plain(value: Any) -> Any:
-    """A value the HParams dashboard can show: a number, a string or a boolean."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if value is None:
-        return "null"
-    return str(value)
+def _setting(config: Any, key: str, fallback: str = "null") -> bool | int | float | str:
+    """The value at ``key`` as the HParams dashboard can show it: a number, a string or a bool.
+
+    Config groups (``activation=relu``) and keys outside the config (``experiment=…``) show the
+    ``fallback``, the text the command line gave.
+    """
+    value = OmegaConf.select(config, key, default=None)
+    if OmegaConf.is_list(value):
+        return str(OmegaConf.to_container(value))
+    if value is None or OmegaConf.is_dict(value):
+        return fallback
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def hydra_overrides() -> list[str]:
@@ -233,16 +238,14 @@ class HyperparameterSummary(Callback):
     def __init__(self, keys: Sequence[str] = ()) -> None:
         self.keys = list(keys)
 
-    def settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        plain = OmegaConf.create(dict(config))
-        values = {key: OmegaConf.select(plain, key) for key in self.keys}
+    def settings(self, config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+        resolved = OmegaConf.create(dict(config))
+        values = {key: _setting(resolved, key) for key in self.keys}
         for override in hydra_overrides():
             key, _, text = override.lstrip("+~").partition("=")
-            if key.startswith("hydra."):
-                continue
-            value = OmegaConf.select(plain, key)
-            values[key] = text if value is None or OmegaConf.is_config(value) else value
-        return {key: _plain(value) for key, value in values.items()}
+            if not key.startswith("hydra."):
+                values[key] = _setting(resolved, key, fallback=text)
+        return values
 
     def on_fit_end(self, trainer, pl_module) -> None:
         writer = tensorboard_writer(trainer)

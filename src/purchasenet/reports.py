@@ -86,9 +86,19 @@ def gradient_ratio(history: Sequence[Mapping[str, float]]) -> float | None:
     return first / last if last > 0 else math.inf
 
 
+def _short(value: str) -> str:
+    """A sampled number such as 0.0006533369619026638 as 0.0006533; anything else unchanged."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 and "." in value else value
+
+
 def split_overrides(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The overrides every run shares, and per run the ones that set it apart."""
-    parsed = [dict(item.split("=", 1) for item in s.get("overrides", []) if "=" in item)
+    parsed = [{key: _short(value) for key, _, value in
+               (item.partition("=") for item in s.get("overrides", []) if "=" in item)}
               for s in summaries]
     keys = list(dict.fromkeys(key for overrides in parsed for key in overrides))
     varying = {key for key in keys if len({o.get(key) for o in parsed}) > 1}
@@ -165,6 +175,7 @@ def comparison_table(summaries: Sequence[Mapping[str, Any]]) -> str:
 def comparison_figure(summaries: Sequence[Mapping[str, Any]]):
     """Validation curves of every run, their test metrics, and the first layer's gradient."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from purchasenet.figures import colour
 
@@ -184,13 +195,13 @@ def comparison_figure(summaries: Sequence[Mapping[str, Any]]):
                 axes[panel].plot(*zip(*points), color=colour(index), label=label, linewidth=1.6)
     axes[0].set_title("validation accuracy")
     axes[1].set_title("validation loss")
-    for panel in range(2):
+    for panel in [0, 1, 3][: panels - 1]:
         axes[panel].set_xlabel("epoch")
+        axes[panel].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     if with_gradients:
         axes[3].set_yscale("log")
         axes[3].set_title("first hidden layer's gradient norm")
-        axes[3].set_xlabel("epoch")
 
     test_keys = [key for key in ("test/acc", "test/auroc", "test/f1", "test/f1_macro")
                  if any(key in s.get("test", {}) for s in summaries)]
