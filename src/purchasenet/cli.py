@@ -55,8 +55,8 @@ def run_evaluation(cfg: DictConfig) -> None:
     def evaluate(cfg: DictConfig) -> None:
         model, metrics, rows = evaluate_checkpoint(cfg.ckpt_path, cfg.split)
         stored = model.metadata.get("test_metrics", {})
-        print(f"Checkpoint {cfg.ckpt_path}: {model.metadata.get('dataset')} "
-              f"({model.task}), {cfg.split} split of {rows:,} rows")
+        print(f"Checkpoint {cfg.ckpt_path}\n{model.metadata.get('dataset')} ({model.task}), "
+              f"{cfg.split} split of {rows:,} rows:")
         for key, value in metrics.items():
             at_training = f"   (training: {stored[key]:.4f})" if key in stored else ""
             print(f"  {key:<18} {value:.4f}{at_training}")
