@@ -6,20 +6,20 @@ depth of the network as two numbers instead of one list.
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from purchasenet.errors import ConfigError
 
 
-def hidden_layers(width: int, depth: int) -> list[int]:
-    """``depth`` hidden layers of ``width`` units each."""
+def hidden_layers(width: int, depth: int) -> ListConfig:
+    """``depth`` hidden layers of ``width`` units each (a config node, so it resolves in place)."""
     width, depth = int(width), int(depth)
     if width < 1 or depth < 0:
         raise ConfigError(
             f"hidden_layers needs a width of at least 1 and a depth of at least 0, "
             f"got width {width} and depth {depth}"
         )
-    return [width] * depth
+    return OmegaConf.create([width] * depth)
 
 
 def register() -> None:
