@@ -186,5 +186,5 @@ def test_tensorboard_serves_every_view_of_a_short_run(tensorboard, xor_run):
         {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
          "colParams": [], "startIndex": 0, "sliceSize": 10},
     )
-    (session,) = groups["sessionGroups"]
-    assert session["hparams"]["model.hidden_sizes"] == "[8, 8, 8]"
+    (run_group,) = groups["sessionGroups"]
+    assert run_group["hparams"]["model.hidden_sizes"] == "[8, 8, 8]"
