@@ -41,7 +41,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-SEED_RECIPE = ["model.hidden_sizes=[5]", "data.scale=false", "trainer.max_epochs=200"]
+SEED_RECIPE = ["experiment=seed_recipe"]
 SMALL_REQUEST = {"browsing_time": [5.0, 15.0, 30.0, 60.0]}
 WRK_SCRIPT = """
 local threads = {}
@@ -249,8 +249,8 @@ def load_with_wrk(url: str, body: str, expected: str, connections: int, seconds:
     (workdir / "expected.json").write_text(expected)
     threads = max(1, min(2, connections))
     result = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-         "-s", str(script), url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+         "--timeout", "10s", "-s", str(script), url],
         capture_output=True, text=True, timeout=seconds + 60,
         env={**os.environ, "BENCH_BODY_FILE": str(workdir / "body.json"),
              "BENCH_EXPECTED_FILE": str(workdir / "expected.json")},
@@ -408,7 +408,7 @@ def print_table(results: dict) -> None:
         ("P5 resident memory (MB)", p5["ours_rss_mb"], p5["plain_rss_mb"],
          p5["ours_rss_mb"] / p5["plain_rss_mb"], "<= 400 MB", p5["ours_rss_mb"] <= 400),
     ]
-    print(f"\n| measure | ours | baseline | ratio | goal | met |\n|---|---:|---:|---:|---|---|")
+    print("\n| measure | ours | baseline | ratio | goal | met |\n|---|---:|---:|---:|---|---|")
     for label, ours, base, ratio, goal, met in goals:
         print(f"| {label} | {ours:,.2f} | {base:,.2f} | {ratio:.2f}x | {goal} | "
               f"{'yes' if met else 'no'} |")
@@ -416,7 +416,8 @@ def print_table(results: dict) -> None:
           f"{p1['plain_test_acc']:.4f}; seed recipe ours {p2['ours_test_acc']:.4f}, plain "
           f"{p2['plain_test_acc']:.4f}")
     print(f"Wrong or failed answers under load: {results['failed_answers']}")
-    print("\n| training rows | ours, 1 epoch (s) | plain, 1 epoch (s) | ratio |\n|---:|---:|---:|---:|")
+    print("\n| training rows | ours, 1 epoch (s) | plain, 1 epoch (s) | ratio |")
+    print("|---:|---:|---:|---:|")
     for row in results["training_scale"]:
         print(f"| {row['rows']:,} | {row['ours_epoch_seconds']:.2f} | "
               f"{row['plain_epoch_seconds']:.2f} | {row['ratio']:.2f}x |")

@@ -1,4 +1,4 @@
-"""The LightningDataModule: splits a data set, fits the encoder on training rows, batches tensors."""
+"""The LightningDataModule: splits a data set, fits the encoder on training rows, batches rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LightningModules for the binary (will this visitor buy?) and multiclass (which segment?) tasks."""
+"""LightningModules for the binary (will this visitor buy?) and multiclass (segment) tasks."""
 
 from __future__ import annotations
 
