@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test serve quality tensorboard clean
+.PHONY: install train test serve quality tensorboard bench clean
 
 install: $(INSTALLED)
 
@@ -42,6 +42,10 @@ $(VENV)/.bench: pyproject.toml
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1 --port 6006
+
+# Training and serving against plain PyTorch / FastAPI baselines; wrk is used when installed.
+bench: install
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf logs reports .pytest_cache

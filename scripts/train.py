@@ -11,6 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import purchasenet  # noqa: F401  (registers ${hidden_layers:...} before Hydra resolves)
+
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:

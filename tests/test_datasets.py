@@ -49,7 +49,9 @@ def test_stated_ceiling_is_what_the_optimal_rule_reaches(dataset_class, ceiling)
     assert bayes_rule_accuracy(dataset, dataset.load().test) == pytest.approx(ceiling, abs=0.004)
 
 
-@pytest.mark.parametrize("dataset_class", [BrowsingMinutes, SweetSpots, NoisyXor, BehaviourSegments])
+@pytest.mark.parametrize(
+    "dataset_class", [BrowsingMinutes, SweetSpots, NoisyXor, BehaviourSegments]
+)
 def test_synthetic_splits_have_requested_sizes_and_repeat_with_the_seed(dataset_class):
     first = dataset_class(n_train=50, n_val=20, n_test=30, seed=7).load()
     again = dataset_class(n_train=50, n_val=20, n_test=30, seed=7).load()

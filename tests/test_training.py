@@ -126,3 +126,34 @@ def test_train_script_user_errors_end_in_one_message_and_write_no_checkpoint(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_trained_checkpoint_is_served_over_http_by_a_real_process(trained_binary):
+    import httpx
+
+    from processes import free_port, serve, wait_for_health
+
+    workdir, metrics = trained_binary
+    checkpoint = only_run(workdir, "checkpoints") / "best.ckpt"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    with serve(workdir, f"ckpt_path={checkpoint}", f"port={port}") as process:
+        wait_for_health(process, url)
+        answer = httpx.post(url + "/predict", json={"browsing_time": [5.0, 15.0, 30.0, 60.0]})
+        malformed = httpx.post(
+            url + "/predict", content=b'{"browsing_time": [5.0,',
+            headers={"Content-Type": "application/json"},
+        )
+        info = httpx.get(url + "/info").json()
+        after = httpx.post(url + "/predict", json={"browsing_time": [45.0]})
+
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["predictions"] == [0.0, 0.0, 1.0, 1.0]
+    assert body["labels"] == ["no_purchase", "no_purchase", "purchase", "purchase"]
+    assert body["probabilities"] == sorted(body["probabilities"])
+    assert 400 <= malformed.status_code < 500
+    assert "message" in malformed.json()
+    assert info["model"]["test_metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert after.status_code == 200 and after.json()["predictions"] == [1.0]

@@ -1,13 +1,17 @@
-"""The LightningDataModule: splits a data set, fits the encoder on training rows, batches tensors."""
+"""The LightningDataModule: splits a data set, fits the encoder on training rows, batches rows."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from purchasenet.datasets import TARGET, PurchaseDataset, Splits
 from purchasenet.features import FeatureEncoder
@@ -29,6 +33,34 @@ class _InMemoryBatches(Dataset):
 
     def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[rows], self.targets[rows]
+
+
+class _ShareOfBatches(DistributedSampler):
+    """This process's share of the rows, in batches, when several processes train together.
+
+    Training shares are padded to equal length, so every process takes the same number of
+    steps; evaluation shares are not, so each row is scored exactly once. Lightning keeps a
+    loader's own ``DistributedSampler`` instead of wrapping it in one of its own.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, training: bool) -> None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        super().__init__(data, shuffle=training, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.training = training
+
+    def _rows(self) -> list[int]:
+        if self.training:
+            return list(super().__iter__())
+        return list(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = self._rows()
+        for start in range(0, len(rows), self.batch_size):
+            yield rows[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._rows()) / self.batch_size)
 
 
 class PurchaseDataModule(L.LightningDataModule):
@@ -85,6 +117,9 @@ class PurchaseDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self._tensors[split]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            share = _ShareOfBatches(data, batch_size, training=shuffle)
+            return DataLoader(data, sampler=share, batch_size=None)
         order = RandomSampler(data) if shuffle else SequentialSampler(data)
         return DataLoader(
             data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None

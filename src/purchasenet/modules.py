@@ -1,4 +1,4 @@
-"""LightningModules for the binary (will this visitor buy?) and multiclass (which segment?) tasks."""
+"""LightningModules for the binary (will this visitor buy?) and multiclass (segment) tasks."""
 
 from __future__ import annotations
 
@@ -118,7 +118,14 @@ class PurchaseClassifier(L.LightningModule):
         logits = self(inputs)
         loss = self.loss(logits, targets)
         self.stage_metrics(stage).update(self.scores(logits.detach()), targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(targets),
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

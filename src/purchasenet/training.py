@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from purchasenet.calibration import calibrate, log_reliability_diagram
-from purchasenet.inference import BUNDLE_KEY
+from purchasenet.inference import BUNDLE_KEY, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,18 @@ def resolve_run_name(cfg: DictConfig) -> str:
     """The run's folder name, unique under logs/ and checkpoints/.
 
     Child processes of a multi-process strategy inherit the name through the environment,
-    so every process writes into the same run.
+    so every process writes into the same run. Only a process Lightning started for another
+    device reads it, so the next run of a sweep in the same process gets a name of its own.
+    A run resumed from a checkpoint keeps the checkpoint's name and folders.
     """
     if cfg.get("run_name"):
         return str(cfg.run_name)
-    if os.environ.get(RUN_NAME_ENV):
+    if os.environ.get(RUN_NAME_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         return os.environ[RUN_NAME_ENV]
+    if cfg.get("ckpt_path"):
+        stored = read_checkpoint(cfg.ckpt_path)[BUNDLE_KEY].get("run_name")
+        if stored:
+            return str(stored)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = f"{cfg.data.name}-{cfg.model.name}-{activation_name(cfg.activation)}-{stamp}"
     name, suffix = base, 1
@@ -84,6 +90,8 @@ def quiet_lightning() -> None:
         r".*isinstance\(treespec, LeafSpec\)",
         r".*smaller than the logging interval",
         r".*does not have many workers",
+        # The metrics are torchmetrics objects, which synchronise across processes themselves.
+        r".*when logging on epoch level in distributed setting",
     ):
         warnings.filterwarnings("ignore", message=message)
 
