@@ -1,7 +1,6 @@
 """Temperature and threshold: fitted on validation, stored in the checkpoint, used to predict."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -14,11 +13,12 @@ from purchasenet.calibration import (
     fit_temperature,
     reliability_bins,
 )
+from purchasenet.datasets import OnlineShoppers
 from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY, PurchaseModel
 from purchasenet.modules import BinaryPurchaseClassifier
 from purchasenet.quality import score_predictions
-from purchasenet.training import RUN_NAME_ENV, train
+from purchasenet.training import train
 
 
 def test_fitted_temperature_undoes_overconfident_logits():
@@ -94,16 +94,7 @@ def calibrated_shoppers(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("calibrated")
     cfg = compose_train(["data=shoppers", "trainer.max_epochs=2"], workdir)
-    # train() hands its run name to child processes through the environment; later runs in
-    # this test process must not inherit it.
-    inherited = os.environ.get(RUN_NAME_ENV)
-    try:
-        return workdir, train(cfg)
-    finally:
-        if inherited is None:
-            os.environ.pop(RUN_NAME_ENV, None)
-        else:
-            os.environ[RUN_NAME_ENV] = inherited
+    return workdir, train(cfg)
 
 
 def test_threshold_and_temperature_are_stored_and_used_by_the_served_model(calibrated_shoppers):
@@ -140,5 +131,25 @@ def test_calibrated_run_logs_test_quality_tags_and_a_reliability_diagram(calibra
     assert wanted | {"calibration/threshold", "calibration/temperature"} <= set(
         events.Tags()["scalars"]
     )
-    assert events.Tags()["images"] == ["test/reliability_diagram"]
+    assert events.Tags()["images"] == ["figures/reliability_diagram/test"]
     assert 0.0 <= metrics["test/ece"] < 0.1
+
+
+def test_server_decides_at_the_stored_threshold_not_at_one_half(calibrated_shoppers):
+    from purchasenet.serving import api_for_model
+
+    workdir, _ = calibrated_shoppers
+    (run,) = (workdir / "checkpoints").iterdir()
+    model = PurchaseModel.from_checkpoint(run / "best.ckpt")
+    api = api_for_model(model, run / "best.ckpt")
+    api.setup("cpu")
+    sessions = OnlineShoppers().load().test
+    probabilities = model.predict_proba(sessions)
+    unsure = sessions[(probabilities >= model.threshold) & (probabilities < 0.5)].head(3)
+
+    request = {name: unsure[name].tolist() for name in model.feature_names}
+    answer = api.encode_response(api.predict(api.decode_request(request)))
+
+    assert len(unsure) > 0
+    assert answer["predictions"] == [1.0] * len(unsure)
+    assert answer["probabilities"] == pytest.approx(model.predict_proba(unsure).tolist())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from purchasenet.datasets import TARGET
 from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY
 
@@ -94,13 +95,16 @@ def check_objective(objective: str) -> None:
 
 @torch.no_grad()
 def split_logits(model: torch.nn.Module, datamodule, split: str) -> tuple[torch.Tensor, ...]:
-    """Logits and targets of one split, from the model in evaluation mode."""
+    """Logits and targets of every row of one split, from the model in evaluation mode.
+
+    Read from the split itself rather than the loaders, which under several processes give
+    each process only its share: every process must fit the same temperature and threshold.
+    """
+    frame = getattr(datamodule.splits, split)
+    inputs = torch.from_numpy(datamodule.encoder.transform(frame))
     model.eval()
-    logits, targets = [], []
-    for inputs, batch_targets in getattr(datamodule, f"{split}_dataloader")():
-        logits.append(model(inputs.to(model.device)).cpu())
-        targets.append(batch_targets)
-    return torch.cat(logits), torch.cat(targets)
+    logits = model(inputs.to(model.device)).cpu()
+    return logits, torch.tensor(frame[TARGET].to_numpy(dtype=np.int64))
 
 
 def calibrate(
@@ -213,7 +217,7 @@ def log_reliability_diagram(model, datamodule, loggers: Iterable[Any], step: int
     title = f"{datamodule.name}: test split, temperature {model.temperature:.2f}"
     figure = reliability_figure(probabilities, targets.numpy(), title)
     for logger in takers:
-        logger.experiment.add_figure("test/reliability_diagram", figure, global_step=step)
+        logger.experiment.add_figure("figures/reliability_diagram/test", figure, global_step=step)
     import matplotlib.pyplot as plt
 
     plt.close(figure)

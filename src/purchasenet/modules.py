@@ -116,7 +116,9 @@ class PurchaseClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch
         logits = self(inputs)
-        loss = self.loss(logits, targets)
+        # The temperature is 1 while fitting; after calibration the loss is that of the
+        # probabilities served.
+        loss = self.loss(logits / self.temperature, targets)
         self.stage_metrics(stage).update(self.scores(logits.detach()), targets)
         self.log(
             f"{stage}/loss",
@@ -165,6 +167,10 @@ class PurchaseClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BUNDLE_KEY] = {**self.bundle, "task": self.task, "net": self.net_config()}
+
+    def on_fit_start(self) -> None:
+        # Calibration belongs to the weights it was fitted for; fitting changes them.
+        self.use_calibration(1.0, 0.5)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.bundle = dict(checkpoint.get(BUNDLE_KEY, {}))
