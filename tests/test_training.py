@@ -157,3 +157,34 @@ def test_trained_checkpoint_is_served_over_http_by_a_real_process(trained_binary
     assert "message" in malformed.json()
     assert info["model"]["test_metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert after.status_code == 200 and after.json()["predictions"] == [1.0]
+
+
+def test_one_epoch_covers_every_training_row_once_in_chunks_of_batches(train_config):
+    from purchasenet.training import build_datamodule
+
+    datamodule = build_datamodule(train_config("data.chunk_batches=10", "data.batch_size=32").data)
+    chunks = list(datamodule.train_dataloader())
+    batches = [batch for chunk in chunks for batch in chunk]
+
+    assert [len(chunk) for chunk in chunks] == [10, 10, 5]
+    assert [len(targets) for _, targets in batches] == [32] * 25
+    rows = torch.cat([inputs for inputs, _ in batches]).squeeze(1)
+    expected = datamodule._tensors["train"].inputs.squeeze(1)
+    assert torch.equal(rows.sort().values, expected.sort().values)
+
+
+def test_chunked_training_makes_exactly_the_updates_of_one_step_per_batch(tmp_path):
+    from conftest import compose_train
+
+    weights = {}
+    for chunk in (1, 64):
+        cfg = compose_train(["trainer.max_epochs=3", "test=false", f"data.chunk_batches={chunk}",
+                             f"run_name=chunk-{chunk}"], tmp_path)
+        train(cfg)
+        checkpoint = torch.load(tmp_path / "checkpoints" / f"chunk-{chunk}" / "last.ckpt",
+                                weights_only=True)
+        weights[chunk] = checkpoint["state_dict"]
+        assert checkpoint["global_step"] == 3 * 25
+
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[64][key], value)
