@@ -131,6 +131,44 @@ def browsing_checkpoint(
     )
 
 
+def overflowing_browsing_checkpoint(path: Path) -> Path:
+    """A damaged binary model: exact browsing answers up to 100 minutes, NaN from 110.
+
+    Two extra hidden units switch on above 102 minutes with weights so large that their output
+    terms overflow float32 to +inf and -inf, whose sum is NaN. Below that they are exactly 0 and
+    the model answers like :func:`browsing_checkpoint`.
+    """
+    spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
+    encoder = FeatureEncoder(
+        [FittedFeature(spec, mean=30.0, std=20.0, observed_min=0.0, observed_max=120.0)]
+    )
+    net_config = {
+        "input_size": 1,
+        "output_size": 1,
+        "hidden_sizes": [3],
+        "activation": RELU,
+        "dropout": 0.0,
+    }
+    net = MLP(**net_config)
+    with torch.no_grad():
+        hidden, output = net.linear_layers
+        # Standardised minutes x = (minutes - 30) / 20; units: x + 1, then 1e35 (x - 3.6) twice.
+        hidden.weight.copy_(torch.tensor([[1.0], [1e35], [1e35]]))
+        hidden.bias.copy_(torch.tensor([1.0, -3.6e35, -3.6e35]))
+        output.weight.copy_(torch.tensor([[4.0, 1e4, -1e4]]))
+        output.bias.fill_(-2.0)
+    return save_checkpoint(
+        path,
+        encoder=encoder,
+        net=net,
+        net_config=net_config,
+        task="binary",
+        class_names=["no_purchase", "purchase"],
+        dataset="browsing",
+        run_name="overflowing-demo",
+    )
+
+
 def behavior_checkpoint(path: Path) -> Path:
     """Four segments from browsing time and engagement, one per quadrant around the means.
 
