@@ -19,17 +19,18 @@ from purchasenet.nets import MLP
 RELU = {"_target_": "torch.nn.ReLU"}
 BEHAVIOR_CLASSES = ["no_purchase", "window_shopping", "research_purchase", "impulse_purchase"]
 MONTHS = ["Aug", "Dec", "Feb", "Jul", "June", "Mar", "May", "Nov", "Oct", "Sep"]
+# Name, physical maximum, transform and the largest value of the training rows.
 SHOPPERS_NUMERIC = [
-    ("Administrative", None, "log1p"),
-    ("Administrative_Duration", None, "log1p"),
-    ("Informational", None, "log1p"),
-    ("Informational_Duration", None, "log1p"),
-    ("ProductRelated", None, "log1p"),
-    ("ProductRelated_Duration", None, "log1p"),
-    ("BounceRates", 1.0, "none"),
-    ("ExitRates", 1.0, "none"),
-    ("PageValues", None, "log1p"),
-    ("SpecialDay", 1.0, "none"),
+    ("Administrative", None, "log1p", 27.0),
+    ("Administrative_Duration", None, "log1p", 3398.75),
+    ("Informational", None, "log1p", 24.0),
+    ("Informational_Duration", None, "log1p", 2549.38),
+    ("ProductRelated", None, "log1p", 705.0),
+    ("ProductRelated_Duration", None, "log1p", 63973.52),
+    ("BounceRates", 1.0, "none", 0.2),
+    ("ExitRates", 1.0, "none", 0.2),
+    ("PageValues", None, "log1p", 361.76),
+    ("SpecialDay", 1.0, "none", 1.0),
 ]
 SHOPPERS_CATEGORICAL = {
     "Month": MONTHS,
@@ -216,9 +217,9 @@ def shoppers_checkpoint(path: Path, seed: int = 0) -> Path:
             mean=1.0,
             std=2.0,
             observed_min=0.0,
-            observed_max=maximum or 100.0,
+            observed_max=observed_max,
         )
-        for name, maximum, transform in SHOPPERS_NUMERIC
+        for name, maximum, transform, observed_max in SHOPPERS_NUMERIC
     ]
     features += [
         FittedFeature(FeatureSpec(name, kind=CATEGORICAL), categories=list(categories))
