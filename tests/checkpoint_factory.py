@@ -7,6 +7,7 @@ Each checkpoint has the layout training writes (a Lightning checkpoint dict with
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -281,4 +282,36 @@ def foreign_checkpoint(path: Path) -> Path:
     """A readable PyTorch checkpoint that some other project wrote (no purchasenet bundle)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}, "epoch": 1}, path)
+    return path
+
+
+def incomplete_checkpoint(path: Path) -> Path:
+    """A checkpoint with our section name but without the network, encoder or classes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"purchasenet": {"task": "binary"}, "state_dict": {}}, path)
+    return path
+
+
+class CreatesFile:
+    """Unpickling this object opens, and so creates, ``path``: code no checkpoint may run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def code_running_checkpoint(path: Path, marker: Path) -> Path:
+    """A torch checkpoint whose bundle creates ``marker`` when unpickled without weights_only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"purchasenet": CreatesFile(marker), "state_dict": {}}, path)
+    return path
+
+
+def code_running_pickle(path: Path, marker: Path) -> Path:
+    """The same trap as a plain pickle file rather than torch's zip format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        pickle.dump({"purchasenet": CreatesFile(marker)}, file, protocol=4)
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +21,7 @@ from checkpoint_factory import (
     shoppers_checkpoint,
     shoppers_rows,
 )
-from processes import free_port, process_group_members, serve, wait_for_health
+from processes import free_port, inference_workers, serve, wait_for_health
 from purchasenet.inference import PurchaseModel
 
 JSON = {"Content-Type": "application/json"}
@@ -284,14 +283,6 @@ CHECKPOINTS = {
     "multiclass": behavior_checkpoint,
     "shoppers": shoppers_checkpoint,
 }
-
-
-def inference_workers(process) -> list[int]:
-    return [
-        pid
-        for pid in process_group_members(process.pid)
-        if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -58,10 +58,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def _refused_content(error: pickle.UnpicklingError) -> str:
     """What the safe unpickler refused, e.g. ``GLOBAL posix.system``, in a few words."""
     content = "objects other than tensors and plain data"
-    found = re.search(r"GLOBAL [\w.]+|global: [\w.]+|operand \d+", str(error))
+    found = re.search(r"GLOBAL [\w.]+", str(error)) or re.search(r"operand \d+", str(error))
     if found is None:
         return content
-    what = found.group(0).replace("global:", "GLOBAL").replace("operand", "pickle opcode")
+    what = found.group(0).replace("operand", "pickle opcode")
     return f"{content} ({what})"
 
 
