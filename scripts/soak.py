@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -269,10 +270,8 @@ class Soak:
         else:
             await connection.send(body)
         if behaviour == "time out waiting":
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(connection.response(), IMPATIENT_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                pass
         connection.close()
         self.tally.abandoned += 1
 
@@ -347,10 +346,8 @@ def stop_server(process: subprocess.Popen) -> list[int]:
     """SIGTERM the server (as docker stop would) and return any of its processes left after."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
     deadline = time.monotonic() + 10
     while group_members(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)

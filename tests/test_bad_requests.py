@@ -326,7 +326,7 @@ def test_bad_request_gets_its_status_and_a_message_naming_the_problem(servers, c
 
 @pytest.mark.slow
 def test_servers_answer_correctly_after_the_bad_requests_from_the_same_workers(servers):
-    binary_url, binary_process, _, binary_workers = servers["binary"]
+    binary_url, binary_process, _, _ = servers["binary"]
     multiclass_url, _, _, _ = servers["multiclass"]
     shoppers_url, _, shoppers_ckpt, _ = servers["shoppers"]
     minutes = [5.0, 15.0, 30.0, 60.0]

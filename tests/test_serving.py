@@ -362,7 +362,12 @@ def test_loop_answers_a_request_the_model_cannot_score_alone(overflowing_api):
     bodies.insert(2, {"browsing_time": [10.0, 115.0]})
     batch_sizes = []
     predict = overflowing_api.predict
-    overflowing_api.predict = lambda rows: batch_sizes.append(len(rows.row_counts)) or predict(rows)
+
+    def predict_counting_requests(rows):
+        batch_sizes.append(len(rows.row_counts))
+        return predict(rows)
+
+    overflowing_api.predict = predict_counting_requests
 
     answers = run_loop(overflowing_api, bodies)
 

@@ -105,7 +105,9 @@ class PurchaseModel:
         try:
             net.load_state_dict(weights)
         except RuntimeError as error:
-            raise CheckpointError(f"{path}: weights do not match the stored network: {error}")
+            raise CheckpointError(
+                f"{path}: weights do not match the stored network: {error}"
+            ) from None
         net.eval()
         task = bundle["task"]
         if task not in ("binary", "multiclass"):

@@ -71,7 +71,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def _shortened(text: str, limit: int = 40) -> str:
+def shortened(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, so a message never echoes a huge input."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -105,7 +106,7 @@ def check_json_text(body: bytes) -> None:
         raise BodyProblem(
             400,
             "duplicate_key",
-            f"request body is ambiguous: key {_shortened(duplicate.key)!r} appears more than "
+            f"request body is ambiguous: key {shortened(duplicate.key)!r} appears more than "
             "once in one object; send each feature once",
         ) from None
     except RecursionError:
@@ -134,7 +135,7 @@ def check_content_type(headers: Headers) -> None:
         raise BodyProblem(
             415,
             "content_type",
-            f"Content-Type {_shortened(media_type)!r} is not JSON; {JSON_HELP}",
+            f"Content-Type {shortened(media_type)!r} is not JSON; {JSON_HELP}",
         )
 
 
@@ -252,9 +253,9 @@ _LITSERVE_DETAILS = {
 async def http_error_response(request: Request, error: HTTPException) -> JSONResponse:
     """Give the HTTP errors of FastAPI and LitServe (404, 405, 500, 504...) our error shape."""
     if error.status_code == 404:
-        message = f"no endpoint at {_shortened(request.url.path)}; POST /predict, GET /health"
+        message = f"no endpoint at {shortened(request.url.path)}; POST /predict, GET /health"
     elif error.status_code == 405:
-        message = f"{request.method} is not allowed on {_shortened(request.url.path)}"
+        message = f"{request.method} is not allowed on {shortened(request.url.path)}"
     else:
         detail = str(error.detail)
         message = _LITSERVE_DETAILS.get(detail, detail)

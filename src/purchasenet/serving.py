@@ -54,13 +54,14 @@ from purchasenet.request_guard import (
     RequestGuard,
     error_response,
     http_error_response,
+    shortened,
     unexpected_error_response,
 )
 
 MAX_ROWS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
-# Inputs are clamped this many training standard deviations from the training mean, so the
-# network's float32 arithmetic cannot overflow into a NaN or infinite probability.
+# Inputs are clamped this many training standard deviations from the training mean, so no
+# input, however large, overflows float32 on its way into the network.
 MAX_STANDARD_DEVIATIONS = 1e6
 # A worker that dies is noticed and replaced within this many seconds.
 WORKER_CHECK_S = 0.5
@@ -79,10 +80,6 @@ class ServeConfigError(ValueError):
 
 class WorkerStartError(RuntimeError):
     """An inference worker could not load the model, so the server stopped before listening."""
-
-
-def _shortened(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class FeatureColumns(BaseModel):
@@ -133,7 +130,7 @@ def _unknown_features_message(unknown: Sequence[str], expected: Sequence[str]) -
     for name in unknown[:5]:
         close = difflib.get_close_matches(name, expected, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        parts.append(f"{_shortened(name)!r}{hint}")
+        parts.append(f"{shortened(name)!r}{hint}")
     if len(unknown) > 5:
         parts.append(f"and {len(unknown) - 5} more")
     return f"unknown feature {', '.join(parts)}; expected features: {', '.join(expected)}"
@@ -151,12 +148,8 @@ class InputWarning(BaseModel):
     kind: Literal["unseen_category", "outside_training_range"]
     rows: list[int]
     message: str
-    value: Union[bool, int, float, str, None] = Field(
-        default=None, exclude_if=lambda v: v is None
-    )
-    training_range: Union[list[float], None] = Field(
-        default=None, exclude_if=lambda v: v is None
-    )
+    value: bool | int | float | str | None = Field(default=None, exclude_if=lambda v: v is None)
+    training_range: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class BinaryPrediction(BaseModel):
@@ -269,7 +262,7 @@ def unseen_category_warnings(
                 "value": value,
                 "rows": rows,
                 "message": (
-                    f"{feature.spec.name}: {_shortened(repr(value))} was not seen in training, "
+                    f"{feature.spec.name}: {shortened(repr(value))} was not seen in training, "
                     "so it was scored as no known category"
                 ),
             })
@@ -335,8 +328,6 @@ def _process_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
