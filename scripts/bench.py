@@ -181,9 +181,13 @@ def our_run_metrics_fit_only(workdir: Path, run_name: str) -> float:
     return events.Scalars("time/fit_seconds")[-1].value
 
 
-def group_rss_mb(pgid: int) -> float:
-    """Resident memory of every process in a process group, in MB."""
-    total_kb = 0
+def group_memory_mb(pgid: int) -> dict[str, float]:
+    """Memory of every process in a process group, in MB: summed RSS and summed PSS.
+
+    RSS counts a page shared by forked processes once per process; PSS splits it among them,
+    so the PSS sum is what the server holds in memory.
+    """
+    totals = {"rss_mb": 0.0, "pss_mb": 0.0}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -191,12 +195,14 @@ def group_rss_mb(pgid: int) -> float:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if int(stat[2]) != pgid:
                 continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kb += int(line.split()[1])
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    totals["rss_mb"] += int(line.split()[1]) / 1024
+                elif line.startswith("Pss:"):
+                    totals["pss_mb"] += int(line.split()[1]) / 1024
         except (OSError, IndexError, ValueError):
             continue
-    return total_kb / 1024
+    return totals
 
 
 @contextmanager
@@ -320,7 +326,8 @@ def answers_agree(port_a: int, port_b: int, payload: dict) -> bool:
 def bench_serving(workdir: Path, checkpoint: Path, repeats: int, seconds: float, log) -> dict:
     big_request = {"browsing_time": [float(0.5 + (i % 240) / 2) for i in range(1000)]}
     servers = {"ours": our_server, "plain": plain_server}
-    results = {name: {"P3": [], "P4": [], "cold_start": [], "rss_mb": []} for name in servers}
+    results = {name: {"P3": [], "P4": [], "cold_start": [], "rss_mb": [], "pss_mb": []}
+               for name in servers}
     for repeat in range(repeats):
         ports = {}
         for name, command in servers.items():
@@ -328,7 +335,8 @@ def bench_serving(workdir: Path, checkpoint: Path, repeats: int, seconds: float,
             with server_process(command(checkpoint, port), workdir, port) as (process, cold):
                 httpx.post(f"http://127.0.0.1:{port}/predict", json=SMALL_REQUEST, timeout=30)
                 results[name]["cold_start"].append(cold)
-                results[name]["rss_mb"].append(group_rss_mb(process.pid))
+                for key, value in group_memory_mb(process.pid).items():
+                    results[name][key].append(value)
                 results[name]["P3"].append(drive_load(port, SMALL_REQUEST, 32, seconds, workdir))
                 results[name]["P4"].append(drive_load(port, big_request, 8, seconds, workdir))
                 ports[name] = port
@@ -361,6 +369,8 @@ def bench_serving(workdir: Path, checkpoint: Path, repeats: int, seconds: float,
             "plain_cold_start_s": median(results["plain"]["cold_start"]),
             "ours_rss_mb": median(results["ours"]["rss_mb"]),
             "plain_rss_mb": median(results["plain"]["rss_mb"]),
+            "ours_pss_mb": median(results["ours"]["pss_mb"]),
+            "plain_pss_mb": median(results["plain"]["pss_mb"]),
         },
         "failed_answers": {"ours": failures("ours"), "plain": failures("plain")},
     }
@@ -405,7 +415,9 @@ def print_table(results: dict) -> None:
         ("P5 cold start (s)", p5["ours_cold_start_s"], p5["plain_cold_start_s"],
          p5["ours_cold_start_s"] / p5["plain_cold_start_s"], "<= 3 s",
          p5["ours_cold_start_s"] <= 3),
-        ("P5 resident memory (MB)", p5["ours_rss_mb"], p5["plain_rss_mb"],
+        ("P5 memory, PSS of all processes (MB)", p5["ours_pss_mb"], p5["plain_pss_mb"],
+         p5["ours_pss_mb"] / p5["plain_pss_mb"], "<= 400 MB", p5["ours_pss_mb"] <= 400),
+        ("P5 memory, RSS summed (MB)", p5["ours_rss_mb"], p5["plain_rss_mb"],
          p5["ours_rss_mb"] / p5["plain_rss_mb"], "<= 400 MB", p5["ours_rss_mb"] <= 400),
     ]
     print("\n| measure | ours | baseline | ratio | goal | met |\n|---|---:|---:|---:|---|---|")

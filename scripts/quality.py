@@ -24,12 +24,7 @@ def main() -> int:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
 
-    import torch
-
     from purchasenet.errors import UserError
-
-    # The networks are tiny: one thread trains them as fast, and shares two cores far better.
-    torch.set_num_threads(1)
     from purchasenet.quality import report
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

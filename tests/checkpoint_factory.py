@@ -7,6 +7,7 @@ Each checkpoint has the layout training writes (a Lightning checkpoint dict with
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,18 @@ from purchasenet.nets import MLP
 RELU = {"_target_": "torch.nn.ReLU"}
 BEHAVIOR_CLASSES = ["no_purchase", "window_shopping", "research_purchase", "impulse_purchase"]
 MONTHS = ["Aug", "Dec", "Feb", "Jul", "June", "Mar", "May", "Nov", "Oct", "Sep"]
+# Name, physical maximum, transform and the largest value of the training rows.
 SHOPPERS_NUMERIC = [
-    ("Administrative", None, "log1p"),
-    ("Administrative_Duration", None, "log1p"),
-    ("Informational", None, "log1p"),
-    ("Informational_Duration", None, "log1p"),
-    ("ProductRelated", None, "log1p"),
-    ("ProductRelated_Duration", None, "log1p"),
-    ("BounceRates", 1.0, "none"),
-    ("ExitRates", 1.0, "none"),
-    ("PageValues", None, "log1p"),
-    ("SpecialDay", 1.0, "none"),
+    ("Administrative", None, "log1p", 27.0),
+    ("Administrative_Duration", None, "log1p", 3398.75),
+    ("Informational", None, "log1p", 24.0),
+    ("Informational_Duration", None, "log1p", 2549.38),
+    ("ProductRelated", None, "log1p", 705.0),
+    ("ProductRelated_Duration", None, "log1p", 63973.52),
+    ("BounceRates", 1.0, "none", 0.2),
+    ("ExitRates", 1.0, "none", 0.2),
+    ("PageValues", None, "log1p", 361.76),
+    ("SpecialDay", 1.0, "none", 1.0),
 ]
 SHOPPERS_CATEGORICAL = {
     "Month": MONTHS,
@@ -131,6 +133,44 @@ def browsing_checkpoint(
     )
 
 
+def overflowing_browsing_checkpoint(path: Path) -> Path:
+    """A damaged binary model: exact browsing answers up to 100 minutes, NaN from 110.
+
+    Two extra hidden units switch on above 102 minutes with weights so large that their output
+    terms overflow float32 to +inf and -inf, whose sum is NaN. Below that they are exactly 0 and
+    the model answers like :func:`browsing_checkpoint`.
+    """
+    spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
+    encoder = FeatureEncoder(
+        [FittedFeature(spec, mean=30.0, std=20.0, observed_min=0.0, observed_max=120.0)]
+    )
+    net_config = {
+        "input_size": 1,
+        "output_size": 1,
+        "hidden_sizes": [3],
+        "activation": RELU,
+        "dropout": 0.0,
+    }
+    net = MLP(**net_config)
+    with torch.no_grad():
+        hidden, output = net.linear_layers
+        # Standardised minutes x = (minutes - 30) / 20; units: x + 1, then 1e35 (x - 3.6) twice.
+        hidden.weight.copy_(torch.tensor([[1.0], [1e35], [1e35]]))
+        hidden.bias.copy_(torch.tensor([1.0, -3.6e35, -3.6e35]))
+        output.weight.copy_(torch.tensor([[4.0, 1e4, -1e4]]))
+        output.bias.fill_(-2.0)
+    return save_checkpoint(
+        path,
+        encoder=encoder,
+        net=net,
+        net_config=net_config,
+        task="binary",
+        class_names=["no_purchase", "purchase"],
+        dataset="browsing",
+        run_name="overflowing-demo",
+    )
+
+
 def behavior_checkpoint(path: Path) -> Path:
     """Four segments from browsing time and engagement, one per quadrant around the means.
 
@@ -178,9 +218,9 @@ def shoppers_checkpoint(path: Path, seed: int = 0) -> Path:
             mean=1.0,
             std=2.0,
             observed_min=0.0,
-            observed_max=maximum or 100.0,
+            observed_max=observed_max,
         )
-        for name, maximum, transform in SHOPPERS_NUMERIC
+        for name, maximum, transform, observed_max in SHOPPERS_NUMERIC
     ]
     features += [
         FittedFeature(FeatureSpec(name, kind=CATEGORICAL), categories=list(categories))
@@ -242,4 +282,36 @@ def foreign_checkpoint(path: Path) -> Path:
     """A readable PyTorch checkpoint that some other project wrote (no purchasenet bundle)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}, "epoch": 1}, path)
+    return path
+
+
+def incomplete_checkpoint(path: Path) -> Path:
+    """A checkpoint with our section name but without the network, encoder or classes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"purchasenet": {"task": "binary"}, "state_dict": {}}, path)
+    return path
+
+
+class CreatesFile:
+    """Unpickling this object opens, and so creates, ``path``: code no checkpoint may run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def code_running_checkpoint(path: Path, marker: Path) -> Path:
+    """A torch checkpoint whose bundle creates ``marker`` when unpickled without weights_only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"purchasenet": CreatesFile(marker), "state_dict": {}}, path)
+    return path
+
+
+def code_running_pickle(path: Path, marker: Path) -> Path:
+    """The same trap as a plain pickle file rather than torch's zip format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        pickle.dump({"purchasenet": CreatesFile(marker)}, file, protocol=4)
     return path

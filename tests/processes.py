@@ -97,11 +97,42 @@ def wait_for_health(process: subprocess.Popen, url: str, headers=None, timeout=6
 
 
 def run_to_exit(cwd: Path, *overrides: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    """Run the server to its exit; the result also carries ``pid``, its process group's id."""
+    process = subprocess.Popen(
         [sys.executable, str(SERVE), *overrides],
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        stop_process_group(process)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    result.pid = process.pid
+    return result
+
+
+def wait_for_group_to_end(process: subprocess.Popen, timeout: float = 30.0) -> tuple[float, list]:
+    """Seconds until no process of the server's group runs, and the PIDs left at the deadline."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if process.poll() is not None and not process_group_members(process.pid):
+            break
+        time.sleep(0.05)
+    return time.monotonic() - began, process_group_members(process.pid)
+
+
+def inference_workers(process: subprocess.Popen) -> list[int]:
+    """PIDs of the server's inference workers, the processes LitServe spawns."""
+    workers = []
+    for pid in process_group_members(process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            continue
+        if "spawn_main" in command:
+            workers.append(pid)
+    return workers

@@ -41,7 +41,8 @@ def test_each_data_set_builds_a_model_of_its_task(data):
                         if data != "shoppers" else [f"data={data}"])
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule)
-    inputs, targets = next(iter(datamodule.train_dataloader()))
+    first_chunk = next(iter(datamodule.train_dataloader()))
+    inputs, targets = first_chunk[0]
 
     assert model.task == datamodule.task
     assert inputs.shape == (cfg.data.batch_size, datamodule.input_size)

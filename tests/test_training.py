@@ -128,6 +128,49 @@ def test_train_script_user_errors_end_in_one_message_and_write_no_checkpoint(
     assert not (tmp_path / "checkpoints").exists()
 
 
+CSV_OPTIONS = [
+    "data=csv",
+    "data.dataset.path=visits.csv",
+    "data.dataset.target=bought",
+    "data.dataset.numeric=[minutes]",
+    "data.dataset.categorical=[device]",
+]
+GOOD_ROWS = "".join(f"{3 + i},{'phone' if i % 2 else 'desk'},{i % 2}\n" for i in range(40))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("csv_text", "message"),
+    [
+        ("minutes,bought\n" + "3,0\n5,1\n" * 20,
+         "error: visits.csv: missing column(s) ['device']"),
+        ("minutes,device,bought\n" + GOOD_ROWS + "ten,phone,1\n",
+         "error: visits.csv: column 'minutes' must be numeric; data row 41 (line 42) holds 'ten'"),
+        ("minutes,device,bought\n" + GOOD_ROWS + "NaN,phone,1\n",
+         "error: visits.csv: column 'minutes' has 1 empty value(s), first at data row 41"),
+        ("", "error: visits.csv: the file is empty"),
+        ("minutes,device,bought\n" + "3,phone,1\n" * 40,
+         "error: visits.csv: target column 'bought' holds a single class (1)"),
+        ("minutes,device,bought\n" + "3,phone,1\n" * 40 + "5,desk,0\n",
+         "error: visits.csv: cannot split 41 rows into training, validation and test parts "
+         "stratified by 'bought'"),
+    ],
+    ids=["missing feature", "non-numeric", "NaN", "empty file", "one class", "rare class"],
+)
+def test_bad_csv_ends_in_one_message_naming_the_column_and_writes_no_checkpoint(
+    tmp_path, csv_text, message
+):
+    (tmp_path / "visits.csv").write_text(csv_text)
+
+    result = run_train_script(tmp_path, *CSV_OPTIONS)
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_trained_checkpoint_is_served_over_http_by_a_real_process(trained_binary):
     import httpx
 
@@ -157,3 +200,34 @@ def test_trained_checkpoint_is_served_over_http_by_a_real_process(trained_binary
     assert "message" in malformed.json()
     assert info["model"]["test_metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert after.status_code == 200 and after.json()["predictions"] == [1.0]
+
+
+def test_one_epoch_covers_every_training_row_once_in_chunks_of_batches(train_config):
+    from purchasenet.training import build_datamodule
+
+    datamodule = build_datamodule(train_config("data.chunk_batches=10", "data.batch_size=32").data)
+    chunks = list(datamodule.train_dataloader())
+    batches = [batch for chunk in chunks for batch in chunk]
+
+    assert [len(chunk) for chunk in chunks] == [10, 10, 5]
+    assert [len(targets) for _, targets in batches] == [32] * 25
+    rows = torch.cat([inputs for inputs, _ in batches]).squeeze(1)
+    expected = datamodule._tensors["train"].inputs.squeeze(1)
+    assert torch.equal(rows.sort().values, expected.sort().values)
+
+
+def test_chunked_training_makes_exactly_the_updates_of_one_step_per_batch(tmp_path):
+    from conftest import compose_train
+
+    weights = {}
+    for chunk in (1, 64):
+        cfg = compose_train(["trainer.max_epochs=3", "test=false", f"data.chunk_batches={chunk}",
+                             f"run_name=chunk-{chunk}"], tmp_path)
+        train(cfg)
+        checkpoint = torch.load(tmp_path / "checkpoints" / f"chunk-{chunk}" / "last.ckpt",
+                                weights_only=True)
+        weights[chunk] = checkpoint["state_dict"]
+        assert checkpoint["global_step"] == 3 * 25
+
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[64][key], value)

@@ -90,16 +90,31 @@ class GradientFlow(Callback):
         )
         self.activation_rows = int(activation_rows)
         self._histograms_at: int | None = None
+        self._layers: list = []
+        self._norm_sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._layers = list(named_layers(pl_module.net))
+        self._norm_sums = {}
+        self._steps = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        norms = {
-            f"grad_norm/{name}": layer.weight.grad.detach().norm()
-            for name, layer in named_layers(pl_module.net)
-            if layer.weight.grad is not None
-        }
-        pl_module.log_dict(norms, on_step=False, on_epoch=True, batch_size=1)
+        # Summed here and logged once per epoch: a log call per step would cost more than
+        # the step itself for these networks.
+        with torch.no_grad():
+            for name, layer in self._layers:
+                if layer.weight.grad is not None:
+                    norm = layer.weight.grad.norm()
+                    total = self._norm_sums.get(name)
+                    self._norm_sums[name] = norm if total is None else total + norm
+        self._steps += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._steps:
+            means = {f"grad_norm/{name}": total / self._steps
+                     for name, total in self._norm_sums.items()}
+            pl_module.log_dict(means, on_step=False, on_epoch=True, batch_size=1)
         every = self.histogram_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0:
             self.log_histograms(trainer, pl_module)

@@ -252,12 +252,20 @@ class CsvDataset(PurchaseDataset):
         table = frame[[f.name for f in self.features]].copy()
         table[TARGET] = labels
 
-        rest, test = train_test_split(
-            table, test_size=self.test_size, stratify=labels, random_state=self.test_seed
-        )
-        train, val = train_test_split(
-            rest, test_size=self.val_size, stratify=rest[TARGET], random_state=self.val_seed
-        )
+        try:
+            rest, test = train_test_split(
+                table, test_size=self.test_size, stratify=labels, random_state=self.test_seed
+            )
+            train, val = train_test_split(
+                rest, test_size=self.val_size, stratify=rest[TARGET], random_state=self.val_seed
+            )
+        except ValueError as error:
+            # scikit-learn refuses a stratified split when a class has too few rows.
+            raise DataError(
+                f"{Path(self.path).name}: cannot split {len(table)} rows into training, "
+                f"validation and test parts stratified by {self.target_column!r} ({error}); "
+                "add rows of the rare classes or change test_size and val_size"
+            ) from None
         return Splits(*(part.reset_index(drop=True) for part in (train, val, test)))
 
     def _validated(self, frame: pd.DataFrame) -> pd.DataFrame:

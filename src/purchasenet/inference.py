@@ -8,6 +8,8 @@ carries pickled code is refused instead of run.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +32,37 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it is about to refuse anyway.
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-data checkpoint ({reason})"
+            f"refusing to load {path}: it holds {_refused_content(error)}, and unpickling it "
+            "could run code; serve only checkpoints written by scripts/train.py"
         ) from None
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(checkpoint, dict) or BUNDLE_KEY not in checkpoint:
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(BUNDLE_KEY), dict):
         raise CheckpointError(
             f"{path} is not a purchasenet checkpoint (no {BUNDLE_KEY!r} section); "
             "train one with scripts/train.py"
         )
     return checkpoint
+
+
+def _refused_content(error: pickle.UnpicklingError) -> str:
+    """What the safe unpickler refused, e.g. ``GLOBAL posix.system``, in a few words."""
+    content = "objects other than tensors and plain data"
+    found = re.search(r"GLOBAL [\w.]+", str(error)) or re.search(r"operand \d+", str(error))
+    if found is None:
+        return content
+    what = found.group(0).replace("operand", "pickle opcode")
+    return f"{content} ({what})"
 
 
 @dataclass
@@ -61,22 +80,42 @@ class PurchaseModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> PurchaseModel:
         checkpoint = read_checkpoint(path)
-        bundle = checkpoint[BUNDLE_KEY]
+        try:
+            return cls._from_bundle(checkpoint[BUNDLE_KEY], checkpoint.get("state_dict"), path)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            # A dict that merely carries our section name, or one from an incompatible version.
+            reason = f"missing entry {error}" if isinstance(error, KeyError) else str(error)
+            raise CheckpointError(
+                f"{path} is not a usable purchasenet checkpoint ({reason}); "
+                "train one with scripts/train.py"
+            ) from None
+
+    @classmethod
+    def _from_bundle(
+        cls, bundle: Mapping[str, Any], state_dict: Mapping[str, Any] | None, path: str | Path
+    ) -> PurchaseModel:
         net = MLP(**bundle["net"])
         weights = {
             key.removeprefix("net."): value
-            for key, value in checkpoint["state_dict"].items()
+            for key, value in dict(state_dict or {}).items()
             if key.startswith("net.")
         }
         try:
             net.load_state_dict(weights)
         except RuntimeError as error:
-            raise CheckpointError(f"{path}: weights do not match the stored network: {error}")
+            raise CheckpointError(
+                f"{path}: weights do not match the stored network: {error}"
+            ) from None
         net.eval()
+        task = bundle["task"]
+        if task not in ("binary", "multiclass"):
+            raise ValueError(f"unknown task {task!r}")
         return cls(
             encoder=FeatureEncoder.from_state_dict(bundle["encoder"]),
             net=net,
-            task=bundle["task"],
+            task=task,
             class_names=list(bundle["class_names"]),
             threshold=float(bundle.get("threshold", 0.5)),
             temperature=float(bundle.get("temperature", 1.0)),

@@ -30,6 +30,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 DEFAULT_ACTIVATION = {"_target_": "torch.nn.ReLU"}
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class PurchaseClassifier(L.LightningModule):
@@ -54,6 +55,7 @@ class PurchaseClassifier(L.LightningModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.net = MLP(
             input_size,
@@ -130,8 +132,32 @@ class PurchaseClassifier(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, chunk: list[Batch] | Batch, batch_idx: int) -> None:
+        """One optimizer step per mini-batch of the chunk (see ``PurchaseDataModule``).
+
+        Optimization is manual so that one Lightning step can hold many optimizer steps; the
+        optimizer's hooks (gradient flow, for one) still run at every mini-batch.
+        """
+        batches = [chunk] if isinstance(chunk, tuple) else chunk
+        optimizer = self.optimizers()
+        loss_sum = torch.zeros(())
+        rows = 0
+        scores, seen = [], []
+        for inputs, targets in batches:
+            logits = self(inputs)
+            loss = self.loss(logits, targets)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            loss_sum += loss.detach() * len(targets)
+            rows += len(targets)
+            scores.append(self.scores(logits.detach()))
+            seen.append(targets)
+        self.train_metrics.update(torch.cat(scores), torch.cat(seen))
+        self.log(
+            "train/loss", loss_sum / rows, on_step=False, on_epoch=True, batch_size=rows,
+            sync_dist=True,
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -142,6 +168,14 @@ class PurchaseClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
+        # Manual optimization leaves the learning-rate schedule to the module; validation of
+        # this epoch has already run, so a plateau schedule can read its loss.
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if "val/loss" in self.trainer.callback_metrics:
+                scheduler.step(self.trainer.callback_metrics["val/loss"])
+        elif scheduler is not None:
+            scheduler.step()
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()

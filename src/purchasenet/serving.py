@@ -1,14 +1,14 @@
 """Serve a trained checkpoint over HTTP with LitServe.
 
 ``POST /predict`` takes one list per feature, all of the same length (one entry per visitor
-session), and answers ``predictions``, ``probabilities`` and ``labels`` per session. The request
-schema is built from the checkpoint's features, so a wrong name, type, range or length is
-answered with a 4xx naming the field before the request reaches the model. Only plain PyTorch
-is imported here, not Lightning, pandas or Hydra.
+session), and answers ``predictions``, ``probabilities`` and ``labels`` per session, plus
+``warnings`` for values the model was not trained on. The request schema is built from the
+checkpoint's features, so a wrong name, type, range or length is answered with a 4xx naming the
+field before the request reaches the model. Only plain PyTorch is imported here, not Lightning,
+pandas or Hydra.
 
-When ``LIT_SERVER_API_KEY`` is set in the environment (LitServe reads it once, at import),
-``/predict``, ``/info``, ``/health`` and ``/`` answer 401 unless the request carries it as
-``X-API-Key``; ``/docs`` and ``/openapi.json`` stay open.
+When ``LIT_SERVER_API_KEY`` is set in the environment at launch, every endpoint except
+``/health`` and the API docs answers 401 unless the request carries it as ``X-API-Key``.
 
 Usage::
 
@@ -17,51 +17,69 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
 import math
+import multiprocessing
 import os
 import re
 import signal
 import socket
 import sys
+import threading
+import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import litserve as ls
-import litserve.server
 import numpy as np
 import torch
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    create_model,
-    model_validator,
-)
+from litserve.utils import WorkerSetupStatus
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from purchasenet.features import CATEGORICAL, FeatureEncoder, FittedFeature
+from purchasenet.batching import IsolatingBatchLoop
+from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FittedFeature
 from purchasenet.inference import CheckpointError, PurchaseModel
+from purchasenet.request_guard import (
+    RequestGuard,
+    error_response,
+    http_error_response,
+    shortened,
+    unexpected_error_response,
+)
 
 MAX_ROWS = 10_000
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Inputs are clamped this many training standard deviations from the training mean, so no
+# input, however large, overflows float32 on its way into the network.
 MAX_STANDARD_DEVIATIONS = 1e6
+# A worker that dies is noticed and replaced within this many seconds.
+WORKER_CHECK_S = 0.5
+# On SIGTERM or Ctrl-C, requests in flight get this long to finish before the server stops.
+SHUTDOWN_GRACE_S = 4
+MAX_REPORTED_PROBLEMS = 20
 CHECKPOINT_ROOT = Path("checkpoints")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+API_KEY_ENV = "LIT_SERVER_API_KEY"
 
 
 class ServeConfigError(ValueError):
     """A serving setting that cannot work: bad host, busy port, impossible batching values."""
+
+
+class WorkerStartError(RuntimeError):
+    """An inference worker could not load the model, so the server stopped before listening."""
 
 
 class FeatureColumns(BaseModel):
@@ -109,20 +127,29 @@ class FeatureColumns(BaseModel):
 
 def _unknown_features_message(unknown: Sequence[str], expected: Sequence[str]) -> str:
     parts = []
-    for name in unknown:
+    for name in unknown[:5]:
         close = difflib.get_close_matches(name, expected, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        parts.append(f"{name!r}{hint}")
+        parts.append(f"{shortened(name)!r}{hint}")
+    if len(unknown) > 5:
+        parts.append(f"and {len(unknown) - 5} more")
     return f"unknown feature {', '.join(parts)}; expected features: {', '.join(expected)}"
 
 
-class CategoryWarning(BaseModel):
-    """A categorical value never seen in training; those rows were scored as no known category."""
+class InputWarning(BaseModel):
+    """A value the model was not trained on; its rows were still scored.
+
+    ``unseen_category``: a categorical value never seen in training, scored as no known
+    category. ``outside_training_range``: numbers beyond the smallest or largest training value,
+    where the model extrapolates.
+    """
 
     feature: str
-    value: Union[bool, int, float, str]
+    kind: Literal["unseen_category", "outside_training_range"]
     rows: list[int]
     message: str
+    value: bool | int | float | str | None = Field(default=None, exclude_if=lambda v: v is None)
+    training_range: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class BinaryPrediction(BaseModel):
@@ -131,7 +158,7 @@ class BinaryPrediction(BaseModel):
     predictions: list[float]
     probabilities: list[float] = Field(description="purchase probability per session")
     labels: list[str]
-    warnings: list[CategoryWarning] = Field(default_factory=list, exclude_if=lambda v: not v)
+    warnings: list[InputWarning] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class MulticlassPrediction(BaseModel):
@@ -140,7 +167,7 @@ class MulticlassPrediction(BaseModel):
     predictions: list[int]
     probabilities: list[list[float]] = Field(description="class probabilities per session")
     labels: list[str]
-    warnings: list[CategoryWarning] = Field(default_factory=list, exclude_if=lambda v: not v)
+    warnings: list[InputWarning] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 def _category_type(categories: Sequence[Any]) -> Any:
@@ -151,31 +178,6 @@ def _category_type(categories: Sequence[Any]) -> Any:
     return Annotated[item, Field(strict=True)]
 
 
-def _scoring_range_check(feature: FittedFeature, scale: bool) -> Callable[[float], float]:
-    """Reject values so far from training that the network's float32 arithmetic could overflow.
-
-    Such a value would come back as a NaN probability, which JSON cannot carry. The limit is
-    ``MAX_STANDARD_DEVIATIONS`` training standard deviations from the training mean.
-    """
-    mean, std = (feature.mean, feature.std) if scale else (0.0, 1.0)
-    low, high = mean - MAX_STANDARD_DEVIATIONS * std, mean + MAX_STANDARD_DEVIATIONS * std
-    if feature.spec.transform == "log1p":
-        # log1p of values clipped at 0 is never negative, and it outgrows no float64 bound.
-        low = math.expm1(low) if low > 0 else -math.inf
-        high = math.expm1(high) if high < 700 else math.inf
-
-    def check(value: float) -> float:
-        if not low <= value <= high:
-            raise PydanticCustomError(
-                "outside_scoring_range",
-                "{value} is too far outside the training values ({low} to {high}) to score",
-                {"value": value, "low": feature.observed_min, "high": feature.observed_max},
-            )
-        return value
-
-    return check
-
-
 def _typical_value(feature: FittedFeature) -> float:
     """The training mean in raw units, shown as the example value in the API docs."""
     mean = feature.mean
@@ -184,7 +186,7 @@ def _typical_value(feature: FittedFeature) -> float:
     return round(min(max(mean, feature.observed_min), feature.observed_max), 2)
 
 
-def _feature_field(feature: FittedFeature, scale: bool, max_rows: int) -> tuple[Any, Any]:
+def _feature_field(feature: FittedFeature, max_rows: int) -> tuple[Any, Any]:
     spec = feature.spec
     if spec.kind == CATEGORICAL:
         item = _category_type(feature.categories)
@@ -193,11 +195,7 @@ def _feature_field(feature: FittedFeature, scale: bool, max_rows: int) -> tuple[
         example = feature.categories[0] if feature.categories else None
     else:
         limits = {"ge": spec.minimum, "le": spec.maximum}
-        item = Annotated[
-            float,
-            Field(strict=True, allow_inf_nan=False, **limits),
-            AfterValidator(_scoring_range_check(feature, scale)),
-        ]
+        item = Annotated[float, Field(strict=True, allow_inf_nan=False, **limits)]
         description = spec.description or None
         example = _typical_value(feature)
     column = Field(
@@ -221,7 +219,7 @@ def request_model(
         __module__=__name__,
         __doc__=f"One list per feature ({', '.join(encoder.names)}), one entry per session.",
         **{
-            f"feature_{position}": _feature_field(feature, encoder.scale, max_rows)
+            f"feature_{position}": _feature_field(feature, max_rows)
             for position, feature in enumerate(encoder.features)
         },
     )
@@ -260,14 +258,77 @@ def unseen_category_warnings(
         for value, rows in rows_by_value.items():
             found.append({
                 "feature": feature.spec.name,
+                "kind": "unseen_category",
                 "value": value,
                 "rows": rows,
                 "message": (
-                    f"{feature.spec.name}: {value!r} was not seen in training, so it was scored "
-                    "as no known category"
+                    f"{feature.spec.name}: {shortened(repr(value))} was not seen in training, "
+                    "so it was scored as no known category"
                 ),
             })
     return found
+
+
+def training_range_warnings(
+    encoder: FeatureEncoder, columns: Mapping[str, Sequence]
+) -> list[dict[str, Any]]:
+    """One warning per numeric feature with values beyond the training minimum or maximum."""
+    found = []
+    for feature in encoder.features:
+        if feature.spec.kind != NUMERIC:
+            continue
+        values = np.asarray(columns[feature.spec.name], dtype=np.float64)
+        low, high = feature.observed_min, feature.observed_max
+        rows = np.flatnonzero((values < low) | (values > high)).tolist()
+        if rows:
+            found.append({
+                "feature": feature.spec.name,
+                "kind": "outside_training_range",
+                "rows": rows,
+                "training_range": [low, high],
+                "message": (
+                    f"{feature.spec.name}: {len(rows)} value(s) outside the training range "
+                    f"{low:g} to {high:g}; the model extrapolates there, so treat those "
+                    "answers with caution"
+                ),
+            })
+    return found
+
+
+def input_limits(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """Per network input, the lowest and highest value scored; see MAX_STANDARD_DEVIATIONS."""
+    lows, highs = [], []
+    for feature in encoder.features:
+        if feature.spec.kind == CATEGORICAL:
+            lows += [0.0] * feature.width
+            highs += [1.0] * feature.width
+            continue
+        centre, spread = (0.0, 1.0) if encoder.scale else (feature.mean, feature.std)
+        lows.append(centre - MAX_STANDARD_DEVIATIONS * spread)
+        highs.append(centre + MAX_STANDARD_DEVIATIONS * spread)
+    return np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
+
+
+def _worker_index() -> int:
+    # LitServe numbers the inference workers of an endpoint from 0 before calling setup().
+    return int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+
+
+def _process_running(pid: int) -> bool:
+    """True while ``pid`` runs; a process that has exited but is not yet reaped counts as down."""
+    if pid <= 0:
+        return False
+    if Path("/proc").is_dir():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class PurchaseAPI(ls.LitAPI):
@@ -279,24 +340,50 @@ class PurchaseAPI(ls.LitAPI):
         with warnings.catch_warnings():
             # LitAPI warns when batch/unbatch exist but batching is off; both modes are supported.
             warnings.filterwarnings("ignore", message=".*batch and unbatch methods implemented.*")
-            super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+            super().__init__(
+                max_batch_size=max_batch_size,
+                batch_timeout=batch_timeout,
+                loop=IsolatingBatchLoop(),
+            )
         self.checkpoint_path = str(checkpoint_path)
         self.model: PurchaseModel | None = None
+        # Process ids of the inference workers, shared between the processes of one server.
+        self.worker_pids = None
+
+    def track_workers(self, count: int) -> None:
+        """Share one slot per inference worker, so /health can see whether each one runs."""
+        self.worker_pids = multiprocessing.get_context("spawn").RawArray("i", int(count))
 
     def setup(self, device: str) -> None:
         # The networks are small: one thread per worker is faster than contending threads.
         torch.set_num_threads(1)
         self.model = PurchaseModel.from_checkpoint(self.checkpoint_path)
+        self.input_low, self.input_high = input_limits(self.model.encoder)
+        if self.worker_pids is not None:
+            self.worker_pids[_worker_index()] = os.getpid()
+
+    def health(self) -> bool:
+        """False while any inference worker is down; LitServe adds whether each is ready."""
+        if self.worker_pids is None:
+            return True
+        return all(_process_running(pid) for pid in self.worker_pids)
+
+    def authorize(self) -> None:
+        """Nothing to check here: RequestGuard checks the API key before the body is read.
+
+        Defining it keeps LitServe from adding its own key check, which would also close
+        ``/health`` to probes.
+        """
 
     def decode_request(self, request) -> EncodedRows:
         columns = request.columns() if isinstance(request, FeatureColumns) else request
         encoder = self.model.encoder
         row_count = len(columns[encoder.names[0]])
-        return EncodedRows(
-            inputs=encoder.transform(columns),
-            row_counts=[row_count],
-            warnings=[unseen_category_warnings(encoder, columns)],
-        )
+        inputs = encoder.transform(columns)
+        np.clip(inputs, self.input_low, self.input_high, out=inputs)
+        found = unseen_category_warnings(encoder, columns)
+        found += training_range_warnings(encoder, columns)
+        return EncodedRows(inputs=inputs, row_counts=[row_count], warnings=[found])
 
     def batch(self, inputs: list[EncodedRows]) -> EncodedRows:
         return EncodedRows(
@@ -307,6 +394,15 @@ class PurchaseAPI(ls.LitAPI):
 
     def predict(self, rows: EncodedRows) -> ScoredRows:
         probabilities = self.model.probabilities_from_inputs(rows.inputs)
+        finite = np.isfinite(probabilities.reshape(len(probabilities), -1)).all(axis=1)
+        if not finite.all():
+            # Only a damaged checkpoint does this: inputs are clamped before scoring.
+            row = int(np.flatnonzero(~finite)[0])
+            raise HTTPException(
+                500,
+                f"the model produced no finite probability for row {row}; "
+                "this checkpoint cannot score that session",
+            )
         return ScoredRows(probabilities, rows.row_counts, rows.warnings)
 
     def unbatch(self, output: ScoredRows) -> list[ScoredRows]:
@@ -418,52 +514,66 @@ def model_metadata(model: PurchaseModel) -> dict[str, Any]:
     }
 
 
-async def validation_error_response(request: Request, error: RequestValidationError):
-    """Answer a rejected request with the failing fields and one readable message.
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
 
-    Malformed JSON gets 400, a body that is not JSON 415, and everything else 422. The
-    offending values are not echoed back, since a body can hold thousands of rows.
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def validation_error_handler(feature_names: Sequence[str]):
+    """The 422 answer for a body that is valid JSON but does not fit the model's schema.
+
+    The message names the feature and row of each problem (the first few of them); offending
+    values are not echoed back, except short scalars, since a body can hold thousands of rows.
     """
-    details = []
-    for item in error.errors():
-        location = [part for part in item.get("loc", ()) if part != "body"]
-        if item.get("type") == "json_invalid":
-            reason = (item.get("ctx") or {}).get("error", "invalid JSON")
-            where = f" (at character {location[0]})" if location else ""
-            message = f"request body is not valid JSON: {reason}{where}"
-            return _error_response(400, message, [{"type": "json_invalid", "msg": message}])
-        if not location and item.get("type") == "model_attributes_type" and not _is_json(request):
-            message = "send the features as a JSON object with Content-Type: application/json"
-            return _error_response(415, message, [{"type": "content_type", "msg": message}])
-        where = "request body: "
-        if location:
-            where = f"{location[0]}" + (f" row {location[1]}" if len(location) > 1 else "") + ": "
-        details.append({
-            "type": item.get("type"),
-            "loc": list(item.get("loc", ())),
-            "msg": f"{where}{item.get('msg')}{_shown_input(item.get('input'))}",
-        })
-    message = "; ".join(detail["msg"] for detail in details)
-    return _error_response(422, message, details)
+    expected = ", ".join(feature_names)
+
+    async def validation_error_response(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        details = []
+        for item in problems[:MAX_REPORTED_PROBLEMS]:
+            location = [part for part in item.get("loc", ()) if part != "body"]
+            if not location and item.get("type") in ("model_attributes_type", "dict_type"):
+                message = (
+                    f"request body must be a JSON object with one list per feature "
+                    f"({expected}), not {_json_type(item.get('input'))}"
+                )
+                return error_response(422, message, "body_type")
+            where = "request body: "
+            if location:
+                where = f"{location[0]}" + (f" row {location[1]}" if len(location) > 1 else "")
+                where += ": "
+            details.append({
+                "type": item.get("type"),
+                "loc": list(item.get("loc", ())),
+                "msg": f"{where}{item.get('msg')}{_shown_input(item.get('input'))}",
+            })
+        message = "; ".join(detail["msg"] for detail in details[:3])
+        if len(problems) > 3:
+            message += f" (and {len(problems) - 3} more problems)"
+        return error_response(422, message, "validation", details)
+
+    return validation_error_response
 
 
 def _shown_input(value: Any) -> str:
-    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 40):
+    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
         return f" (got {value!r})"
     return ""
 
 
-def _is_json(request: Request) -> bool:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return content_type == "application/json" or content_type.endswith("+json")
-
-
-def _error_response(status: int, message: str, details: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"message": message, "detail": details})
-
-
 def check_serving_options(
-    workers: int, max_batch_size: int, batch_timeout: float, timeout: float, max_rows: int
+    workers: int,
+    max_batch_size: int,
+    batch_timeout: float,
+    timeout: float,
+    max_rows: int,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Reject settings that LitServe would refuse later or that cannot serve a request."""
     if int(workers) < 1:
@@ -472,6 +582,8 @@ def check_serving_options(
         raise ServeConfigError(f"max_batch_size must be at least 1, got {max_batch_size}")
     if int(max_rows) < 1:
         raise ServeConfigError(f"max_rows must be at least 1, got {max_rows}")
+    if int(max_body_bytes) < 1024:
+        raise ServeConfigError(f"max_body_bytes must be at least 1024, got {max_body_bytes}")
     unlimited = timeout is False or timeout == -1
     if not unlimited and float(timeout) <= 0:
         raise ServeConfigError(f"timeout must be positive seconds (or -1 for none), got {timeout}")
@@ -479,6 +591,65 @@ def check_serving_options(
         raise ServeConfigError(
             f"batch_timeout must be at least 0 and below timeout ({timeout}), got {batch_timeout}"
         )
+
+
+class PurchaseServer(ls.LitServer):
+    """A LitServer that replaces a dead inference worker and stops within seconds.
+
+    LitServe's monitor thread notices a dead worker within ``WORKER_CHECK_S`` seconds, answers
+    the requests it held with 500 and starts a new one; ``/health`` is 503 meanwhile. While the
+    server stops, workers end on purpose and are not replaced.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, restart_workers=True, **kwargs)
+        self.monitor_internal = WORKER_CHECK_S
+        self.uvicorn_graceful_timeout = SHUTDOWN_GRACE_S
+        self.stopping = False
+
+    def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int):
+        if self.stopping:
+            return self.inference_workers[worker_id]
+        return super().launch_single_inference_worker(lit_api, worker_id)
+
+    def verify_worker_status(self) -> None:
+        """Wait for a ready worker; stop every process if one fails or dies first."""
+        statuses = self.workers_setup_status
+        while not any(status == WorkerSetupStatus.READY for status in statuses.values()):
+            failed = any(status == WorkerSetupStatus.ERROR for status in statuses.values())
+            if failed or not all(worker.is_alive() for worker in self.inference_workers):
+                self._stop_workers_and_manager()
+                raise WorkerStartError(
+                    "the inference worker could not load the model; its error is logged above"
+                )
+            time.sleep(0.05)
+
+    def _stop_workers_and_manager(self) -> None:
+        for worker in self.inference_workers:
+            worker.terminate()
+            worker.join(timeout=5)
+        self.transport_config.manager.shutdown()
+
+    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        self.stopping = True
+        self._stop_monitor()
+        super()._perform_graceful_shutdown(*args, **kwargs)
+
+    def _stop_monitor(self) -> None:
+        # The monitor thread polls the shutdown event through the manager process, which the
+        # shutdown ends; it must see the event and finish before that happens. The event is set
+        # from a thread of its own: this thread's connection to the manager may still be inside
+        # the wait() that the signal interrupted, and the manager answers it in order.
+        setter = threading.Thread(target=self._set_shutdown_event, daemon=True)
+        setter.start()
+        setter.join(timeout=2)
+        for thread in threading.enumerate():
+            if thread.name == "litserve-monitoring":
+                thread.join(timeout=2 * WORKER_CHECK_S + 1)
+
+    def _set_shutdown_event(self) -> None:
+        with contextlib.suppress(Exception):
+            self._shutdown_event.set()
 
 
 def build_server(
@@ -489,14 +660,18 @@ def build_server(
     batch_timeout: float = 0.0,
     timeout: float = 30,
     max_rows: int = MAX_ROWS,
-    max_payload_size: int | None = 16 * 1024 * 1024,
-) -> ls.LitServer:
-    """A LitServer for one checkpoint, on CPU, with ``workers`` inference processes.
+    max_body_bytes: int = MAX_BODY_BYTES,
+    api_key: str | None = None,
+) -> PurchaseServer:
+    """A server for one checkpoint, on CPU, with ``workers`` inference processes.
 
     The checkpoint is read here, in the calling process, so a missing or foreign file fails
-    with :class:`CheckpointError` before any worker starts.
+    with :class:`CheckpointError` before any worker starts. ``api_key``, when given, guards
+    every endpoint except ``/health`` and the API docs.
     """
-    check_serving_options(workers, max_batch_size, batch_timeout, timeout, max_rows)
+    check_serving_options(
+        workers, max_batch_size, batch_timeout, timeout, max_rows, max_body_bytes
+    )
     model = PurchaseModel.from_checkpoint(ckpt_path)
     api = api_for_model(
         model,
@@ -505,15 +680,26 @@ def build_server(
         batch_timeout=float(batch_timeout),
         max_rows=int(max_rows),
     )
-    server = ls.LitServer(
+    api.track_workers(int(workers))
+    server = PurchaseServer(
         api,
         accelerator="cpu",
         workers_per_device=int(workers),
         timeout=timeout,
         model_metadata=model_metadata(model),
-        max_payload_size=max_payload_size,
+        max_payload_size=int(max_body_bytes),
     )
-    server.app.add_exception_handler(RequestValidationError, validation_error_response)
+    server.app.add_middleware(
+        RequestGuard,
+        api_key=api_key,
+        body_paths=[api.api_path],
+        max_body_bytes=int(max_body_bytes),
+    )
+    server.app.add_exception_handler(
+        RequestValidationError, validation_error_handler(model.encoder.names)
+    )
+    server.app.add_exception_handler(StarletteHTTPException, http_error_response)
+    server.app.add_exception_handler(Exception, unexpected_error_response)
     return server
 
 
@@ -573,13 +759,17 @@ def ensure_port_free(host: str, port: int) -> None:
             raise ServeConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def _stop_on_sigterm(main_pid: int, signum: int, frame: Any) -> None:
-    # LitServe stops its workers cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill)
-    # would otherwise end only this process. Forked server processes inherit this handler and
-    # simply exit once uvicorn has finished its own shutdown.
-    if os.getpid() == main_pid:
-        raise KeyboardInterrupt
-    raise SystemExit(0)
+def _stop_on_signal(main_pid: int, signum: int, frame: Any) -> None:
+    # LitServe stops its processes cleanly on KeyboardInterrupt in the main process; SIGTERM
+    # (docker stop, kill) would otherwise end only the main process. Processes forked from the
+    # main one inherit this handler: the manager must outlive the workers it serves, and the
+    # HTTP processes run uvicorn's own handlers, so both leave stopping to the main process.
+    if os.getpid() != main_pid:
+        return
+    # A second Ctrl-C must not interrupt the shutdown and leave worker processes behind.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _number_setting(cfg: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -596,10 +786,10 @@ def _number_setting(cfg: Mapping[str, Any], key: str, kind: type, default: Any) 
 
 
 def run_server(cfg: Mapping[str, Any]) -> None:
-    """Validate the serve config and checkpoint, then serve until interrupted.
+    """Validate the serve config and checkpoint, then serve until SIGTERM or Ctrl-C.
 
-    Every problem a user can cause ends in one message and exit status 1, before any worker
-    process is started.
+    Every problem a user can cause ends in one message and exit status 1, before the server
+    listens; no worker process is left behind.
     """
     try:
         log_level = str(cfg.get("log_level", "info")).lower()
@@ -609,6 +799,7 @@ def run_server(cfg: Mapping[str, Any]) -> None:
         port = _number_setting(cfg, "port", int, 8000)
         checkpoint = resolve_checkpoint(cfg.get("ckpt_path"))
         ensure_port_free(host, port)
+        api_key = os.environ.get(API_KEY_ENV) or None
         server = build_server(
             checkpoint,
             workers=_number_setting(cfg, "workers", int, 1),
@@ -616,6 +807,8 @@ def run_server(cfg: Mapping[str, Any]) -> None:
             batch_timeout=_number_setting(cfg, "batch_timeout", float, 0.0),
             timeout=_number_setting(cfg, "timeout", float, 30.0),
             max_rows=_number_setting(cfg, "max_rows", int, MAX_ROWS),
+            max_body_bytes=_number_setting(cfg, "max_body_bytes", int, MAX_BODY_BYTES),
+            api_key=api_key,
         )
     except (CheckpointError, ServeConfigError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -624,8 +817,13 @@ def run_server(cfg: Mapping[str, Any]) -> None:
     features = ", ".join(feature["name"] for feature in info["features"])
     print(f"Serving {info['name']} ({info['task']}; features: {features}) from {checkpoint}")
     print(f"POST http://{host}:{port}/predict  (schema at /docs, model at /info)")
-    if litserve.server.LIT_SERVER_API_KEY:
-        print("LIT_SERVER_API_KEY is set: send it as X-API-Key to /predict, /info and /health")
+    if api_key:
+        print(f"{API_KEY_ENV} is set: send it as X-API-Key to every endpoint but /health, /docs")
     sys.stdout.flush()
-    signal.signal(signal.SIGTERM, functools.partial(_stop_on_sigterm, os.getpid()))
-    server.run(host=host, port=int(port), log_level=log_level, generate_client_file=False)
+    stop = functools.partial(_stop_on_signal, os.getpid())
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.run(host=host, port=int(port), log_level=log_level, generate_client_file=False)
+    except WorkerStartError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.run_name = run_name
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule)
