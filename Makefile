@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test serve tensorboard bench clean
+.PHONY: install train test serve quality tensorboard bench clean
 
 install: $(INSTALLED)
 
@@ -31,6 +31,15 @@ test: install
 serve: install
 	$(BIN)/python scripts/serve.py $(ARGS)
 
+# Five seeds of the default shopper model beside LightGBM and logistic regression, and every
+# synthetic data set against its ceiling: reports/quality/quality.md and quality.png.
+quality: install $(VENV)/.bench
+	$(BIN)/python scripts/quality.py $(ARGS)
+
+$(VENV)/.bench: pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1 --port 6006
 
@@ -39,4 +48,4 @@ bench: install
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
-	rm -rf logs .pytest_cache
+	rm -rf logs reports .pytest_cache

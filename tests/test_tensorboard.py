@@ -65,9 +65,11 @@ def test_weights_and_activations_go_in_as_histograms(xor_run):
 @pytest.mark.parametrize(
     "overrides, images, pr_curves",
     [
-        (["data=browsing"], {"figures/probability_curve"}, {"pr_curve/val", "pr_curve/test"}),
+        (["data=browsing"], {"figures/probability_curve", "figures/reliability_diagram/test"},
+         {"pr_curve/val", "pr_curve/test"}),
         (["model=multiclass"], {"figures/decision_boundary", "figures/confusion_matrix/val",
-                                "figures/confusion_matrix/test"}, set()),
+                                "figures/confusion_matrix/test",
+                                "figures/reliability_diagram/test"}, set()),
     ],
 )
 def test_figures_match_the_shape_of_the_data(tmp_path, overrides, images, pr_curves):

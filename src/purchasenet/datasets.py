@@ -370,6 +370,7 @@ class OnlineShoppers(CsvDataset):
 
     The test split is scikit-learn's ``train_test_split(test_size=0.2, stratify=Revenue,
     random_state=42)`` over the file's row order, so results compare with published ones.
+    ``numeric`` and ``categorical`` pick a subset of the columns (all 17 by default).
     """
 
     def __init__(
@@ -378,14 +379,26 @@ class OnlineShoppers(CsvDataset):
         val_size: float = 0.1,
         val_seed: int = 42,
         transforms: Mapping[str, str] | None = None,
+        numeric: Sequence[str] | None = None,
+        categorical: Sequence[str] | None = None,
     ) -> None:
+        numeric = SHOPPERS_NUMERIC if numeric is None else list(numeric)
+        categorical = SHOPPERS_CATEGORICAL if categorical is None else list(categorical)
+        unknown = sorted(set(numeric) - set(SHOPPERS_NUMERIC)) + sorted(
+            set(categorical) - set(SHOPPERS_CATEGORICAL)
+        )
+        if unknown:
+            raise DataError(
+                f"data.dataset: {unknown} are not shopper columns of that kind; numeric ones are "
+                f"{SHOPPERS_NUMERIC}, categorical ones {SHOPPERS_CATEGORICAL}"
+            )
         super().__init__(
             path=path or str(shipped_shoppers_csv()),
             target="Revenue",
-            numeric=SHOPPERS_NUMERIC,
-            categorical=SHOPPERS_CATEGORICAL,
+            numeric=numeric,
+            categorical=categorical,
             name="shoppers",
-            bounds=SHOPPERS_BOUNDS,
+            bounds={column: SHOPPERS_BOUNDS[column] for column in numeric},
             transforms=transforms,
             class_names=PURCHASE_CLASSES,
             test_size=0.2,

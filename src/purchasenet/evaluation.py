@@ -18,11 +18,15 @@ from hydra.utils import instantiate
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryCalibrationError,
     BinaryF1Score,
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
 )
 
+from purchasenet.calibration import ECE_BINS
 from purchasenet.datasets import TARGET, PurchaseDataset
 from purchasenet.errors import CheckpointError, ConfigError
 from purchasenet.inference import PurchaseModel
@@ -62,6 +66,8 @@ def score(model: PurchaseModel, frame: pd.DataFrame, class_weights=None) -> dict
             "acc": BinaryAccuracy(threshold=model.threshold),
             "auroc": BinaryAUROC(),
             "f1": BinaryF1Score(threshold=model.threshold),
+            "average_precision": BinaryAveragePrecision(),
+            "ece": BinaryCalibrationError(ECE_BINS),
         }
     else:
         loss = F.cross_entropy(logits, targets, weight=weights)
@@ -70,6 +76,7 @@ def score(model: PurchaseModel, frame: pd.DataFrame, class_weights=None) -> dict
         metrics = {
             "acc": MulticlassAccuracy(classes, average="micro"),
             "f1_macro": MulticlassF1Score(classes, average="macro"),
+            "ece": MulticlassCalibrationError(classes, ECE_BINS),
         }
     values = {name: float(metric(scores, targets)) for name, metric in metrics.items()}
     return {"loss": float(loss), **values}

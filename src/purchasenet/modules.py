@@ -13,11 +13,15 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryCalibrationError,
     BinaryF1Score,
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
 )
 
+from purchasenet.calibration import ECE_BINS
 from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY
 from purchasenet.nets import MLP
@@ -66,10 +70,15 @@ class PurchaseClassifier(L.LightningModule):
             self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
         else:
             self.class_weights = None
+        # Calibration fitted after training (see purchasenet.calibration); neutral until then.
+        self.temperature = 1.0
+        self.threshold = 0.5
         metrics = self.build_metrics(len(class_names))
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        for evaluation in (self.val_metrics, self.test_metrics):
+            evaluation.add_metrics(self.evaluation_metrics(len(class_names)))
         self.val_acc_best = MaxMetric()
         self.bundle: dict[str, Any] = {}
 
@@ -78,6 +87,10 @@ class PurchaseClassifier(L.LightningModule):
         raise NotImplementedError
 
     def build_metrics(self, num_classes: int) -> MetricCollection:
+        raise NotImplementedError
+
+    def evaluation_metrics(self, num_classes: int) -> dict[str, Any]:
+        """Metrics computed on validation and test only (ranking and calibration quality)."""
         raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,7 +118,9 @@ class PurchaseClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch
         logits = self(inputs)
-        loss = self.loss(logits, targets)
+        # The temperature is 1 while fitting; after calibration the loss is that of the
+        # probabilities served.
+        loss = self.loss(logits / self.temperature, targets)
         self.stage_metrics(stage).update(self.scores(logits.detach()), targets)
         self.log(
             f"{stage}/loss",
@@ -187,8 +202,24 @@ class PurchaseClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BUNDLE_KEY] = {**self.bundle, "task": self.task, "net": self.net_config()}
 
+    def on_fit_start(self) -> None:
+        # Calibration belongs to the weights it was fitted for; fitting changes them.
+        self.use_calibration(1.0, 0.5)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.bundle = dict(checkpoint.get(BUNDLE_KEY, {}))
+        bundle = self.bundle
+        self.use_calibration(bundle.get("temperature", 1.0), bundle.get("threshold", 0.5))
+
+    def use_calibration(self, temperature: float, threshold: float) -> None:
+        """Score with ``logits / temperature`` and decide at ``threshold`` from now on."""
+        self.temperature = float(temperature)
+        self.threshold = float(threshold)
+        self.bundle.update(temperature=self.temperature, threshold=self.threshold)
+        for stage in ("train", "val", "test"):
+            for metric in self.stage_metrics(stage).values():
+                if hasattr(metric, "threshold"):
+                    metric.threshold = self.threshold
 
 
 class BinaryPurchaseClassifier(PurchaseClassifier):
@@ -210,6 +241,13 @@ class BinaryPurchaseClassifier(PurchaseClassifier):
             {"acc": BinaryAccuracy(), "auroc": BinaryAUROC(), "f1": BinaryF1Score()}
         )
 
+    def evaluation_metrics(self, num_classes: int) -> dict[str, Any]:
+        # Targets are float 0/1 for the BCE loss; the argument check would insist on integers.
+        return {
+            "average_precision": BinaryAveragePrecision(validate_args=False),
+            "ece": BinaryCalibrationError(ECE_BINS),
+        }
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         pos_weight = None
         if self.class_weights is not None:
@@ -219,7 +257,7 @@ class BinaryPurchaseClassifier(PurchaseClassifier):
         )
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits.squeeze(-1))
+        return torch.sigmoid(logits.squeeze(-1) / self.temperature)
 
 
 class SegmentClassifier(PurchaseClassifier):
@@ -244,8 +282,11 @@ class SegmentClassifier(PurchaseClassifier):
             }
         )
 
+    def evaluation_metrics(self, num_classes: int) -> dict[str, Any]:
+        return {"ece": MulticlassCalibrationError(num_classes, ECE_BINS)}
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets, weight=self.class_weights)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits / self.temperature, dim=-1)

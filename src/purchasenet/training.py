@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from purchasenet.calibration import calibrate, log_reliability_diagram
 from purchasenet.inference import BUNDLE_KEY, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def quiet_lightning() -> None:
         r".*does not have many workers",
         # The metrics are torchmetrics objects, which synchronise across processes themselves.
         r".*when logging on epoch level in distributed setting",
+        # The module steps its learning-rate schedule itself (manual optimization).
+        r".*lr scheduler dict contains the key\(s\) \['monitor'\]",
     ):
         warnings.filterwarnings("ignore", message=message)
 
@@ -140,6 +143,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
+    if cfg.get("calibration") and best_path:
+        calibration = calibrate(
+            model, datamodule, best_path, cfg.calibration, write=trainer.is_global_zero
+        )
+        trainer.strategy.barrier()
+        metrics.update(calibration)
+        for logger in loggers:
+            logger.log_metrics(calibration, step=trainer.global_step)
     if cfg.get("test") and best_path:
         results = trainer.test(
             model, datamodule=datamodule, ckpt_path=best_path, weights_only=True, verbose=False
@@ -148,6 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(test_metrics)
         if trainer.is_global_zero:
             store_test_metrics(best_path, test_metrics)
+            log_reliability_diagram(model, datamodule, loggers, trainer.global_step)
 
     if trainer.is_global_zero:
         for logger in loggers:
@@ -199,10 +211,15 @@ def print_summary(run_name, metrics, loggers, best_path, datamodule) -> None:
     if test_keys:
         rows = datamodule.describe()["sizes"].get("test", 0)
         lines.append(f"Test metrics of the best checkpoint ({rows:,} rows):")
-        lines += [f"  {key:<18} {metrics[key]:.4f}" for key in test_keys]
+        lines += [f"  {key:<24} {metrics[key]:.4f}" for key in test_keys]
         if ceiling is not None:
-            lines.append(f"  {'bayes ceiling':<18} {ceiling:.4f}")
-    lines.append(f"  {'fit time':<18} {metrics['time/fit_seconds']:.1f} s")
+            lines.append(f"  {'bayes ceiling':<24} {ceiling:.4f}")
+    if "calibration/temperature" in metrics:
+        lines.append("Fitted on the validation split and stored in the checkpoint:")
+        lines.append(f"  {'temperature':<24} {metrics['calibration/temperature']:.4f}")
+        if datamodule.task == "binary":
+            lines.append(f"  {'threshold':<24} {metrics['calibration/threshold']:.4f}")
+    lines.append(f"  {'fit time':<24} {metrics['time/fit_seconds']:.1f} s")
     for logger in loggers:
         if getattr(logger, "log_dir", None):
             lines.append(f"TensorBoard run:   {logger.log_dir}  (tensorboard --logdir logs)")
