@@ -232,16 +232,7 @@ class CsvDataset(PurchaseDataset):
         self.class_names = self._class_names or PURCHASE_CLASSES
 
     def read_frame(self) -> pd.DataFrame:
-        path = Path(self.path)
-        if not path.is_file():
-            raise DataError(f"data.dataset.path: no such CSV file: {path}")
-        try:
-            frame = pd.read_csv(path)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not a readable CSV file ({error})") from None
-        return frame
+        return read_csv_file(self.path, "data.dataset.path")
 
     def load(self) -> Splits:
         from sklearn.model_selection import train_test_split
@@ -327,6 +318,19 @@ class CsvDataset(PurchaseDataset):
             )
         index = {value: position for position, value in enumerate(values)}
         return target.map(index).to_numpy(dtype=np.int64)
+
+
+def read_csv_file(path: str | Path, key: str) -> pd.DataFrame:
+    """Read a CSV file; a missing, empty or unreadable one is a DataError naming ``key``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}: no such CSV file: {path}")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
 
 
 def _bound(bounds: Mapping[str, Sequence[float | None]], column: str, side: int) -> float | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from purchasenet.datasets import read_csv_file
 from purchasenet.errors import DataError
 from purchasenet.features import NUMERIC
 from purchasenet.inference import PurchaseModel
@@ -19,14 +20,7 @@ from purchasenet.inference import PurchaseModel
 def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
     """The CSV file's rows, checked to hold every feature the model reads."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input: no such CSV file: {path}")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    frame = read_csv_file(path, "input")
 
     missing = [name for name in model.feature_names if name not in frame.columns]
     if missing:
