@@ -368,11 +368,12 @@ class PurchaseAPI(ls.LitAPI):
             return True
         return all(_process_running(pid) for pid in self.worker_pids)
 
-    def authorize(self) -> None:
+    async def authorize(self) -> None:
         """Nothing to check here: RequestGuard checks the API key before the body is read.
 
         Defining it keeps LitServe from adding its own key check, which would also close
-        ``/health`` to probes.
+        ``/health`` to probes. A coroutine, so FastAPI runs it on the event loop rather than
+        handing every request to a thread pool for a call that does nothing.
         """
 
     def decode_request(self, request) -> EncodedRows:
