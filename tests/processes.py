@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from purchasenet.serving import WORKER_PROCESS_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "scripts" / "serve.py"
 
@@ -126,13 +128,13 @@ def wait_for_group_to_end(process: subprocess.Popen, timeout: float = 30.0) -> t
 
 
 def inference_workers(process: subprocess.Popen) -> list[int]:
-    """PIDs of the server's inference workers, the processes LitServe spawns."""
+    """PIDs of the server's inference workers, the processes named ``WORKER_PROCESS_NAME``."""
     workers = []
     for pid in process_group_members(process.pid):
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_text()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
-        if "spawn_main" in command:
+        if name == WORKER_PROCESS_NAME:
             workers.append(pid)
     return workers

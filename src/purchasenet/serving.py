@@ -18,9 +18,12 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import difflib
 import errno
 import functools
+import logging
 import math
 import multiprocessing
 import os
@@ -42,12 +45,13 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from litserve.loops import inference_worker
 from litserve.utils import WorkerSetupStatus
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from purchasenet.batching import IsolatingBatchLoop
+from purchasenet.batching import QUEUE_POLL_S, IsolatingBatchLoop
 from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FittedFeature
 from purchasenet.inference import CheckpointError, PurchaseModel
 from purchasenet.request_guard import (
@@ -72,6 +76,8 @@ CHECKPOINT_ROOT = Path("checkpoints")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 API_KEY_ENV = "LIT_SERVER_API_KEY"
+# What ps and top show for an inference worker (Linux allows 15 characters).
+WORKER_PROCESS_NAME = "litserve-worker"
 
 
 class ServeConfigError(ValueError):
@@ -368,11 +374,12 @@ class PurchaseAPI(ls.LitAPI):
             return True
         return all(_process_running(pid) for pid in self.worker_pids)
 
-    def authorize(self) -> None:
+    async def authorize(self) -> None:
         """Nothing to check here: RequestGuard checks the API key before the body is read.
 
         Defining it keeps LitServe from adding its own key check, which would also close
-        ``/health`` to probes.
+        ``/health`` to probes. A coroutine, so FastAPI runs it on the event loop rather than
+        handing every request to a thread pool for a call that does nothing.
         """
 
     def decode_request(self, request) -> EncodedRows:
@@ -429,8 +436,8 @@ class PurchaseAPI(ls.LitAPI):
         return response
 
     def __reduce__(self):
-        # Inference workers are spawned processes that receive the API by pickle; the schema
-        # subclass made by ``api_for_model`` only matters to the HTTP side, so they get the base.
+        # A process spawned with the API (LitServe's own way of starting workers) receives it by
+        # pickle; the schema subclass made by ``api_for_model`` only matters to the HTTP side.
         return (_new_purchase_api, (), dict(self.__dict__))
 
 
@@ -593,6 +600,26 @@ def check_serving_options(
         )
 
 
+def _name_process(name: str) -> None:
+    """Set the process name that ps and /proc/<pid>/comm show, where the platform allows it."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 is PR_SET_NAME
+
+
+def _run_forked_worker(*args: Any) -> None:
+    """Run an inference worker in a forked process with what a freshly started one would have."""
+    # The main process's handler ignores SIGTERM in other processes; a worker must end on it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Hydra's serve config silenced every logger of the main process; a worker logs warnings.
+    logging.root.setLevel(logging.WARNING)
+    for logger in logging.root.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger):
+            logger.disabled = False
+    _name_process(WORKER_PROCESS_NAME)
+    inference_worker(*args)
+
+
 class PurchaseServer(ls.LitServer):
     """A LitServer that replaces a dead inference worker and stops within seconds.
 
@@ -607,10 +634,47 @@ class PurchaseServer(ls.LitServer):
         self.uvicorn_graceful_timeout = SHUTDOWN_GRACE_S
         self.stopping = False
 
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        count = len(self._inference_workers_config_for_api(lit_api.api_path))
+        return [self._fork_worker(lit_api, index) for index in range(count)]
+
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int):
+        """Replace a worker that died."""
         if self.stopping:
             return self.inference_workers[worker_id]
-        return super().launch_single_inference_worker(lit_api, worker_id)
+        # A worker killed while waiting on the request queue leaves the manager process waiting
+        # for it up to QUEUE_POLL_S seconds more, and a request arriving then would be lost; a
+        # replacement that is ready before that would see /health turn 200 while it happens.
+        time.sleep(QUEUE_POLL_S)
+        if self.stopping:
+            return self.inference_workers[worker_id]
+        return self._fork_worker(lit_api, worker_id)
+
+    def _fork_worker(self, lit_api: ls.LitAPI, worker_id: int):
+        """Fork a worker from this process, which has already imported torch and read the model.
+
+        LitServe spawns workers, and each spawned one imports torch anew (about 1.5 s and
+        200 MB here); a forked one shares those pages with this process. The worker scores on
+        one torch thread (see ``setup``), so it never uses a thread pool inherited by the fork.
+        """
+        endpoint = lit_api.api_path.split("/")[-1]
+        self.workers_setup_status[f"{endpoint}_{worker_id}"] = WorkerSetupStatus.STARTING
+        process = multiprocessing.get_context("fork").Process(
+            target=_run_forked_worker,
+            args=(
+                lit_api,
+                "cpu",
+                worker_id,
+                self._get_request_queue(lit_api.api_path),
+                self._transport,
+                self.workers_setup_status,
+                self._callback_runner,
+                self.restart_workers,
+            ),
+            name="inference-worker",
+        )
+        process.start()
+        return process
 
     def verify_worker_status(self) -> None:
         """Wait for a ready worker; stop every process if one fails or dies first."""
