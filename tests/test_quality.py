@@ -75,7 +75,7 @@ def test_shoppers_recipe_is_the_default_and_an_explicit_key_still_wins():
 
 def test_synthetic_recipes_decide_for_accuracy_and_follow_the_data_choice():
     assert compose_train([]).calibration.threshold_objective == "accuracy"
-    assert list(compose_train(["model=multiclass"]).model.hidden_sizes) == []
+    assert list(compose_train(["model=multiclass"]).model.hidden_sizes) == [8]
     assert list(compose_train(["data=xor", "model=multiclass"]).model.hidden_sizes) == [32, 32]
     assert compose_train(["data=csv"]).calibration.threshold_objective == "f1"
 

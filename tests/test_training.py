@@ -114,6 +114,9 @@ def test_train_script_writes_logs_and_checkpoints_under_the_working_directory(tm
         (["data=csv", "data.dataset.path=visits.csv", "data.dataset.target=bought",
           "data.dataset.numeric=[minutes]"], "error: visits.csv: missing column(s) ['bought']"),
         (["data=behavior"], "error: model=binary needs a data set with 2 classes"),
+        (["model.hidden_sizes=8"], "error: model.hidden_sizes must be a list of positive"),
+        (["trainer.max_epochs=abc"], "error: trainer.max_epochs must be a whole number"),
+        (["model.optimizer.lr=-1"], "error: model.optimizer: Invalid learning rate: -1"),
     ],
 )
 def test_train_script_user_errors_end_in_one_message_and_write_no_checkpoint(
@@ -231,3 +234,16 @@ def test_chunked_training_makes_exactly_the_updates_of_one_step_per_batch(tmp_pa
 
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[64][key], value)
+
+
+def test_a_run_folder_or_a_file_that_is_no_checkpoint_are_understood(trained_binary, tmp_path):
+    from purchasenet.errors import CheckpointError
+    from purchasenet.inference import read_checkpoint
+
+    workdir, _ = trained_binary
+    run = only_run(workdir, "checkpoints")
+    assert BUNDLE_KEY in read_checkpoint(run)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("minutes,bought\n3,0\n")
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint file"):
+        read_checkpoint(text)

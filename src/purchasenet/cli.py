@@ -28,11 +28,21 @@ def run_training(cfg: DictConfig) -> float | None:
     except MissingMandatoryValue as error:
         fail(f"missing value for {error.full_key}: set it on the command line or in the config")
     except Exception as error:
-        cause = user_error_in(error)
+        cause = user_error_in(error) or _lightning_configuration_error(error)
         if cause is None:
             raise
         fail(str(cause))
     return metrics.get("val/acc_best")
+
+
+def _lightning_configuration_error(error: BaseException) -> BaseException | None:
+    """Lightning's own verdict on a setting (no GPU, fewer epochs than resumed, ...)."""
+    seen = error
+    while seen is not None:
+        if type(seen).__name__ == "MisconfigurationException":
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _report_user_errors(action, cfg: DictConfig):

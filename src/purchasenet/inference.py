@@ -29,8 +29,20 @@ BUNDLE_VERSION = 1
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file safely; raise :class:`CheckpointError` with a readable reason."""
     path = Path(path)
+    if path.is_dir() and (path / "best.ckpt").is_file():
+        path = path / "best.ckpt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            # torch.save writes a zip archive; older files are a bare pickle.
+            head = handle.read(2)
+        checkpoint_like = head == b"PK" or head[:1] == b"\x80"
+        if not checkpoint_like:
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint file; use a best.ckpt or last.ckpt "
+                "written by scripts/train.py"
+            )
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of files it is about to refuse anyway.
@@ -39,7 +51,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it holds {_refused_content(error)}, and unpickling it "
-            "could run code; serve only checkpoints written by scripts/train.py"
+            "could run code; use only checkpoints written by scripts/train.py"
         ) from None
     except Exception as error:  # torch raises several types for truncated or foreign files
         text = str(error).strip()

@@ -33,6 +33,13 @@ DEFAULT_ACTIVATION = {"_target_": "torch.nn.ReLU"}
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def _as_list(value: Any) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [value, None]
+
+
 class PurchaseClassifier(L.LightningModule):
     """An MLP trained on encoded rows; the subclasses define the task's loss and metrics.
 
@@ -55,6 +62,13 @@ class PurchaseClassifier(L.LightningModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(hidden_sizes, (str, bytes)) or not all(
+            isinstance(size, int) and size > 0 for size in _as_list(hidden_sizes)
+        ):
+            raise ConfigError(
+                f"model.hidden_sizes must be a list of positive layer widths, e.g. [16,16] or "
+                f"[] for none; got {hidden_sizes!r}"
+            )
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.net = MLP(
@@ -190,7 +204,10 @@ class PurchaseClassifier(L.LightningModule):
         self.test_metrics.reset()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        try:
+            optimizer = self.optimizer_factory(params=self.parameters())
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model.optimizer: {error}") from None
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from purchasenet.calibration import calibrate, log_reliability_diagram
+from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,26 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def stored_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, with a data file's path made absolute so that eval.py finds
+    the file from any working directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    dataset = config["data"].get("dataset", {})
+    if dataset.get("path"):
+        dataset["path"] = str(Path(dataset["path"]).resolve())
+    return config
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Catch impossible settings before anything is written, naming the key."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < -1):
+        raise ConfigError(
+            f"trainer.max_epochs must be a whole number of epochs (-1: no limit), "
+            f"got {max_epochs!r}"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model, test its best checkpoint and return every logged metric."""
     import lightning as L
@@ -110,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.run_name = run_name
 
+    check_settings(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -123,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "class_names": datamodule.class_names,
         "encoder": datamodule.encoder.state_dict(),
         "data": datamodule.describe(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": stored_config(cfg),
         "threshold": 0.5,
         "temperature": 1.0,
         "test_metrics": {},
@@ -136,7 +158,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(_flat_hparams(cfg))
 
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
+    except RuntimeError as error:
+        if cfg.get("ckpt_path") and "size mismatch" in str(error):
+            raise ConfigError(resume_mismatch(cfg.ckpt_path)) from None
+        raise
     fit_seconds = time.perf_counter() - started
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     metrics["time/fit_seconds"] = fit_seconds
@@ -168,6 +197,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.finalize("success")
         print_summary(run_name, metrics, loggers, best_path, datamodule)
     return metrics
+
+
+def resume_mismatch(checkpoint_path: str) -> str:
+    net = read_checkpoint(checkpoint_path)[BUNDLE_KEY]["net"]
+    sizes = ",".join(str(size) for size in net["hidden_sizes"])
+    activation = activation_name(net["activation"])
+    return (
+        f"ckpt_path: {checkpoint_path} holds a different network than this config; resume "
+        f"with the settings it was trained with, e.g. model.hidden_sizes=[{sizes}] "
+        f"(activation {activation}) and the same data set"
+    )
 
 
 def store_test_metrics(checkpoint_path: str, test_metrics: dict[str, float]) -> None:
