@@ -270,13 +270,7 @@ class CsvDataset(PurchaseDataset):
                 f"{where}: missing column(s) {missing}; the file has {list(frame.columns)}"
             )
         for column in wanted:
-            empty = frame[column].isna().to_numpy()
-            if empty.any():
-                row = int(np.flatnonzero(empty)[0]) + 1
-                raise DataError(
-                    f"{where}: column {column!r} has {int(empty.sum())} empty value(s), "
-                    f"first at data row {row} (line {row + 1})"
-                )
+            require_values(frame, column, where)
         for column in self.numeric:
             values = pd.to_numeric(frame[column], errors="coerce")
             bad = values.isna().to_numpy()
@@ -318,6 +312,17 @@ class CsvDataset(PurchaseDataset):
             )
         index = {value: position for position, value in enumerate(values)}
         return target.map(index).to_numpy(dtype=np.int64)
+
+
+def require_values(frame: pd.DataFrame, column: str, where: str) -> None:
+    """Raise a DataError naming the first empty cell of ``column``, if it has one."""
+    empty = frame[column].isna().to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0]) + 1
+        raise DataError(
+            f"{where}: column {column!r} has {int(empty.sum())} empty value(s), "
+            f"first at data row {row} (line {row + 1})"
+        )
 
 
 def read_csv_file(path: str | Path, key: str) -> pd.DataFrame:

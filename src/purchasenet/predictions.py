@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from purchasenet.datasets import read_csv_file
+from purchasenet.datasets import read_csv_file, require_values
 from purchasenet.errors import DataError
 from purchasenet.features import NUMERIC
 from purchasenet.inference import PurchaseModel
@@ -30,13 +30,7 @@ def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
         )
     for feature in model.encoder.features:
         column = feature.spec.name
-        empty = frame[column].isna().to_numpy()
-        if empty.any():
-            row = int(np.flatnonzero(empty)[0]) + 1
-            raise DataError(
-                f"{path.name}: column {column!r} has {int(empty.sum())} empty value(s), "
-                f"first at data row {row} (line {row + 1})"
-            )
+        require_values(frame, column, path.name)
         if feature.spec.kind != NUMERIC:
             continue
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
