@@ -94,6 +94,24 @@ def save_checkpoint(
     return path
 
 
+def browsing_encoder() -> FeatureEncoder:
+    """Minutes browsed, standardised with mean 30 and standard deviation 20."""
+    spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
+    return FeatureEncoder(
+        [FittedFeature(spec, mean=30.0, std=20.0, observed_min=0.0, observed_max=120.0)]
+    )
+
+
+def browsing_net_config(hidden_units: int) -> dict:
+    return {
+        "input_size": 1,
+        "output_size": 1,
+        "hidden_sizes": [hidden_units],
+        "activation": RELU,
+        "dropout": 0.0,
+    }
+
+
 def browsing_checkpoint(
     path: Path, threshold: float = 0.5, run_name: str = "browsing-demo"
 ) -> Path:
@@ -102,17 +120,8 @@ def browsing_checkpoint(
     One hidden ReLU unit: h = relu((minutes - 10) / 20), logit = 4 h - 2, so the probability is
     0.5 at exactly 20 minutes and the default threshold splits there.
     """
-    spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
-    encoder = FeatureEncoder(
-        [FittedFeature(spec, mean=30.0, std=20.0, observed_min=0.0, observed_max=120.0)]
-    )
-    net_config = {
-        "input_size": 1,
-        "output_size": 1,
-        "hidden_sizes": [1],
-        "activation": RELU,
-        "dropout": 0.0,
-    }
+    encoder = browsing_encoder()
+    net_config = browsing_net_config(hidden_units=1)
     net = MLP(**net_config)
     with torch.no_grad():
         hidden, output = net.linear_layers
@@ -140,17 +149,8 @@ def overflowing_browsing_checkpoint(path: Path) -> Path:
     terms overflow float32 to +inf and -inf, whose sum is NaN. Below that they are exactly 0 and
     the model answers like :func:`browsing_checkpoint`.
     """
-    spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
-    encoder = FeatureEncoder(
-        [FittedFeature(spec, mean=30.0, std=20.0, observed_min=0.0, observed_max=120.0)]
-    )
-    net_config = {
-        "input_size": 1,
-        "output_size": 1,
-        "hidden_sizes": [3],
-        "activation": RELU,
-        "dropout": 0.0,
-    }
+    encoder = browsing_encoder()
+    net_config = browsing_net_config(hidden_units=3)
     net = MLP(**net_config)
     with torch.no_grad():
         hidden, output = net.linear_layers

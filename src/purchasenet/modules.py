@@ -210,11 +210,8 @@ class PurchaseClassifier(L.LightningModule):
             raise ConfigError(f"model.optimizer: {error}") from None
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
-        }
+        # Stepped once per epoch by on_train_epoch_end (a plateau schedule on val/loss).
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BUNDLE_KEY] = {**self.bundle, "task": self.task, "net": self.net_config()}

@@ -93,8 +93,6 @@ def quiet_lightning() -> None:
         r".*does not have many workers",
         # The metrics are torchmetrics objects, which synchronise across processes themselves.
         r".*when logging on epoch level in distributed setting",
-        # The module steps its learning-rate schedule itself (manual optimization).
-        r".*lr scheduler dict contains the key\(s\) \['monitor'\]",
     ):
         warnings.filterwarnings("ignore", message=message)
 
