@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FeatureSpec
-from purchasenet.nets import MLP, build_activation
+from purchasenet.nets import MAX_MEMBERS, MLP, MLPEnsemble, build_activation, build_net
+
+RELU = {"_target_": "torch.nn.ReLU"}
 
 SPECS = [
     FeatureSpec("minutes", NUMERIC, minimum=0.0),
@@ -80,3 +82,55 @@ def test_activation_accepts_arguments_and_refuses_anything_outside_torch_nn():
     assert leaky.negative_slope == 0.2
     with pytest.raises(ValueError, match="activation._target_ must be one of"):
         build_activation({"_target_": "os.system"})
+
+
+def standalone_member(ensemble: MLPEnsemble, member: int) -> MLP:
+    """An MLP holding the weights of one ensemble member."""
+    net = MLP(3, 1, hidden_sizes=[8, 4], activation=RELU)
+    with torch.no_grad():
+        for layer, batched in zip(net.linear_layers, ensemble.linear_layers):
+            layer.weight.copy_(batched.weight[member])
+            layer.bias.copy_(batched.bias[member])
+    return net
+
+
+def test_ensemble_members_are_separate_mlps_and_the_output_is_their_mean_logit():
+    torch.manual_seed(0)
+    ensemble = MLPEnsemble(3, 1, hidden_sizes=[8, 4], activation=RELU, members=3)
+    inputs = torch.randn(10, 3)
+    members = [standalone_member(ensemble, k) for k in range(3)]
+
+    member_logits = ensemble.member_logits(inputs)
+    assert member_logits.shape == (3, 10, 1)
+    for k, net in enumerate(members):
+        torch.testing.assert_close(member_logits[k], net(inputs))
+    torch.testing.assert_close(ensemble(inputs), torch.stack([n(inputs) for n in members]).mean(0))
+    # Different starting weights for every member.
+    first = ensemble.linear_layers[0].weight
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+
+
+def test_each_ensemble_member_gets_the_gradient_of_its_own_loss():
+    torch.manual_seed(1)
+    ensemble = MLPEnsemble(3, 1, hidden_sizes=[8, 4], activation=RELU, members=3)
+    inputs, targets = torch.randn(16, 3), torch.randint(0, 2, (16,)).float()
+    member_logits = ensemble.member_logits(inputs).flatten(0, 1).squeeze(-1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(member_logits, targets.repeat(3))
+    (loss * 3).backward()
+
+    alone = standalone_member(ensemble, 2)
+    own = torch.nn.functional.binary_cross_entropy_with_logits(alone(inputs).squeeze(-1), targets)
+    own.backward()
+    for layer, batched in zip(alone.linear_layers, ensemble.linear_layers):
+        torch.testing.assert_close(batched.weight.grad[2], layer.weight.grad)
+        torch.testing.assert_close(batched.bias.grad[2], layer.bias.grad)
+
+
+def test_build_net_reads_the_number_of_members():
+    config = dict(input_size=3, output_size=2, hidden_sizes=[4], activation=RELU)
+    assert type(build_net(config)) is MLP
+    assert type(build_net({**config, "members": 1})) is MLP
+    assert build_net({**config, "members": 4}).members == 4
+    for members in (0, MAX_MEMBERS + 1):
+        with pytest.raises(ValueError, match=f"members must be between 1 and {MAX_MEMBERS}"):
+            build_net({**config, "members": members})

@@ -3,6 +3,7 @@ import torch
 
 from purchasenet.errors import ConfigError
 from purchasenet.modules import BinaryPurchaseClassifier, SegmentClassifier
+from purchasenet.nets import MAX_MEMBERS
 
 
 def fit_steps(model, inputs, targets, steps=60):
@@ -54,3 +55,20 @@ def test_class_weights_make_the_rare_class_cost_more():
     miss_purchase = model.loss(logits[:1], torch.ones(1))
     miss_browse = model.loss(logits[:1], torch.zeros(1))
     assert miss_purchase.item() == pytest.approx(4 * miss_browse.item())
+
+
+@pytest.mark.parametrize("members", [0, 2.5, "3", MAX_MEMBERS + 1])
+def test_model_refuses_a_number_of_members_that_is_not_a_count(members):
+    with pytest.raises(ConfigError, match="model.members must be a whole number of networks"):
+        BinaryPurchaseClassifier(input_size=2, class_names=["no", "yes"], members=members)
+
+
+def test_ensemble_classifier_scores_with_the_mean_logit_of_its_members():
+    torch.manual_seed(0)
+    model = SegmentClassifier(input_size=2, class_names=list("abcd"), hidden_sizes=[8], members=3)
+    inputs = torch.randn(5, 2)
+
+    assert model.member_logits(inputs).shape == (3, 5, 4)
+    torch.testing.assert_close(model(inputs), model.member_logits(inputs).mean(0))
+    assert model.net_config()["members"] == 3
+    assert "members" not in SegmentClassifier(2, list("abcd")).net_config()

@@ -17,6 +17,7 @@ from purchasenet.quality import (
     lightgbm_probabilities,
     shopper_table,
     synthetic_table,
+    target_table,
 )
 
 
@@ -45,6 +46,25 @@ def test_shopper_table_has_one_row_per_metric_and_one_column_per_model():
     ]
     assert lines[2] == "| ROC-AUC | 0.9350 ± 0.0071 | 0.9200 ± 0.0000 | 0.9000 ± 0.0000 |"
     assert auroc_gap(scores) == pytest.approx(0.015)
+
+
+def test_target_table_counts_the_seeds_that_meet_each_target():
+    runs = [
+        {"auroc": 0.935, "average_precision": 0.75, "f1": 0.683, "ece": 0.017},
+        {"auroc": 0.925, "average_precision": 0.74, "f1": 0.677, "ece": 0.021},
+        {"auroc": 0.933, "average_precision": 0.73, "f1": 0.681, "ece": 0.020},
+    ]
+    scores = {OURS: runs, LIGHTGBM: [{"auroc": 0.929}]}
+
+    lines = target_table(scores, seeds=[42, 43, 44]).splitlines()
+
+    assert lines[0] == "| target | seed 42 | mean | seeds meeting it |"
+    assert lines[2:] == [
+        "| ROC-AUC ≥ LightGBM's | 0.9350 (yes) | 0.9310 (yes) | 2 of 3 |",
+        "| PR-AUC ≥ 0.74 | 0.7500 (yes) | 0.7400 (yes) | 2 of 3 |",
+        "| F1 ≥ 0.68 at the decision threshold | 0.6830 (yes) | 0.6803 (yes) | 2 of 3 |",
+        "| ECE ≤ 0.02 | 0.0170 (yes) | 0.0193 (yes) | 2 of 3 |",
+    ]
 
 
 def test_synthetic_table_compares_each_accuracy_with_its_ceiling_less_half_a_point():

@@ -83,6 +83,7 @@ def test_shoppers_run_trains_on_the_real_sessions(train_config, tmp_path):
     assert metrics["test/auroc"] > 0.85
     model = PurchaseModel.from_checkpoint(only_run(tmp_path, "checkpoints") / "best.ckpt")
     assert len(model.feature_names) == 13  # four coded identifiers are left out by default
+    assert model.metadata["net"]["members"] == 5
     assert model.metadata["test_metrics"]["test/auroc"] == pytest.approx(metrics["test/auroc"])
 
 
@@ -247,3 +248,39 @@ def test_a_run_folder_or_a_file_that_is_no_checkpoint_are_understood(trained_bin
     text.write_text("minutes,bought\n3,0\n")
     with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint file"):
         read_checkpoint(text)
+
+
+def test_an_ensemble_trains_checkpoints_and_predicts_with_its_mean_logit(train_config, tmp_path):
+    from purchasenet.nets import MLPEnsemble
+
+    metrics = train(train_config("model.members=3", "trainer.max_epochs=4"))
+    run = only_run(tmp_path, "checkpoints")
+    checkpoint = torch.load(run / "best.ckpt", weights_only=True)
+    assert checkpoint[BUNDLE_KEY]["net"]["members"] == 3
+    assert checkpoint["state_dict"]["net.1.weight"].shape == (3, 16, 1)
+    assert metrics["test/acc"] > 0.90
+    tags = scalar_tags(only_run(tmp_path, "logs"))
+    assert {"grad_norm/hidden_1", "grad_norm/output"} <= set(tags)
+
+    model = PurchaseModel.from_checkpoint(run / "best.ckpt")
+    assert isinstance(model.net, MLPEnsemble)
+    minutes = {"browsing_time": [5.0, 15.0, 30.0, 60.0]}
+    inputs = torch.from_numpy(model.encoder.transform(minutes))
+    with torch.no_grad():
+        mean_logit = model.net.member_logits(inputs).mean(0).squeeze(-1)
+    expected = torch.sigmoid(mean_logit / model.temperature).numpy()
+    np.testing.assert_allclose(model.predict_proba(minutes), expected, rtol=1e-6)
+    assert model.decide(expected).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("change", ["model.members=1", "model.members=3"])
+def test_resuming_an_ensemble_with_another_number_of_members_names_the_setting(
+    train_config, tmp_path, change
+):
+    from purchasenet.errors import ConfigError
+
+    train(train_config("model.members=2", "trainer.max_epochs=1", "test=false", "run_name=two"))
+    last = tmp_path / "checkpoints" / "two" / "last.ckpt"
+
+    with pytest.raises(ConfigError, match=r"model.members=2 \(activation relu\)"):
+        train(train_config(change, "trainer.max_epochs=2", f"ckpt_path={last}"))

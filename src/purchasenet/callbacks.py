@@ -23,14 +23,19 @@ from purchasenet import figures
 from purchasenet.datasets import TARGET
 from purchasenet.errors import ConfigError
 from purchasenet.features import NUMERIC
+from purchasenet.nets import ACTIVATIONS, BatchedLinear
 from purchasenet.reports import write_summary
 
 log = logging.getLogger(__name__)
 
 
-def named_layers(net: nn.Sequential) -> list[tuple[str, nn.Linear]]:
-    """The network's linear layers, named ``hidden_1`` … ``hidden_k`` and ``output``."""
-    linears = [module for module in net if isinstance(module, nn.Linear)]
+def named_layers(net: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """The network's linear layers, named ``hidden_1`` … ``hidden_k`` and ``output``.
+
+    In an ensemble each holds that layer of every member, and its norms and histograms
+    cover them all.
+    """
+    linears = [module for module in net if isinstance(module, (nn.Linear, BatchedLinear))]
     names = [f"hidden_{number}" for number in range(1, len(linears))] + ["output"]
     return list(zip(names, linears))
 
@@ -45,7 +50,7 @@ def hidden_activations(net: nn.Sequential, inputs: torch.Tensor) -> dict[str, to
         values = inputs
         for module in net:
             values = module(values)
-            if not isinstance(module, (nn.Linear, nn.Dropout)):
+            if type(module).__name__ in ACTIVATIONS:
                 outputs[names[len(outputs)]] = values.detach().cpu()
     net.train(was_training)
     return outputs

@@ -20,7 +20,7 @@ import torch
 
 from purchasenet.errors import CheckpointError
 from purchasenet.features import FeatureEncoder
-from purchasenet.nets import MLP
+from purchasenet.nets import build_net
 
 BUNDLE_KEY = "purchasenet"
 BUNDLE_VERSION = 1
@@ -82,7 +82,7 @@ class PurchaseModel:
     """A trained classifier ready to score raw columns: encoder, network and decision rule."""
 
     encoder: FeatureEncoder
-    net: MLP
+    net: torch.nn.Module
     task: str
     class_names: list[str]
     threshold: float = 0.5
@@ -108,7 +108,7 @@ class PurchaseModel:
     def _from_bundle(
         cls, bundle: Mapping[str, Any], state_dict: Mapping[str, Any] | None, path: str | Path
     ) -> PurchaseModel:
-        net = MLP(**bundle["net"])
+        net = build_net(bundle["net"])
         weights = {
             key.removeprefix("net."): value
             for key, value in dict(state_dict or {}).items()

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 from purchasenet.calibration import ECE_BINS
 from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY
-from purchasenet.nets import MLP
+from purchasenet.nets import MAX_MEMBERS, build_net
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -41,7 +41,10 @@ def _as_list(value: Any) -> list:
 
 
 class PurchaseClassifier(L.LightningModule):
-    """An MLP trained on encoded rows; the subclasses define the task's loss and metrics.
+    """An MLP, or an ensemble of ``members`` MLPs, trained on encoded rows.
+
+    The subclasses define the task's loss and metrics. An ensemble scores with its members'
+    mean logit, and every member learns from its own loss on the same mini-batches.
 
     ``bundle`` holds everything serving needs besides the weights (feature encoder, class
     names, configuration); it is written into every checkpoint as plain data.
@@ -59,6 +62,7 @@ class PurchaseClassifier(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         class_weights: Sequence[float] | None = None,
+        members: int = 1,
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -69,15 +73,16 @@ class PurchaseClassifier(L.LightningModule):
                 f"model.hidden_sizes must be a list of positive layer widths, e.g. [16,16] or "
                 f"[] for none; got {hidden_sizes!r}"
             )
+        if isinstance(members, bool) or not isinstance(members, int) or not (
+            1 <= members <= MAX_MEMBERS
+        ):
+            raise ConfigError(
+                f"model.members must be a whole number of networks from 1 to {MAX_MEMBERS}; "
+                f"got {members!r}"
+            )
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = MLP(
-            input_size,
-            self.output_size(len(class_names)),
-            hidden_sizes=list(hidden_sizes),
-            activation=dict(activation or DEFAULT_ACTIVATION),
-            dropout=dropout,
-        )
+        self.net = build_net(self.net_config())
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=0.01)
         self.scheduler_factory = scheduler
         if class_weights is not None:
@@ -115,19 +120,28 @@ class PurchaseClassifier(L.LightningModule):
         raise NotImplementedError
 
     def net_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "input_size": self.hparams.input_size,
             "output_size": self.output_size(len(self.hparams.class_names)),
             "hidden_sizes": list(self.hparams.hidden_sizes),
             "activation": dict(self.hparams.activation or DEFAULT_ACTIVATION),
             "dropout": self.hparams.dropout,
         }
+        if self.hparams.members > 1:
+            config["members"] = self.hparams.members
+        return config
 
     def stage_metrics(self, stage: str) -> MetricCollection:
         return getattr(self, f"{stage}_metrics")
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs)
+
+    def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of each network: (members, rows, outputs); one member for a single MLP."""
+        if self.hparams.members > 1:
+            return self.net.member_logits(inputs)
+        return self.net(inputs).unsqueeze(0)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch
@@ -157,12 +171,16 @@ class PurchaseClassifier(L.LightningModule):
         loss_sum = torch.zeros(())
         rows = 0
         scores, seen = [], []
+        members = self.hparams.members
         for inputs, targets in batches:
-            logits = self(inputs)
-            loss = self.loss(logits, targets)
+            member_logits = self.member_logits(inputs)
+            # The mean over members of each member's mean loss; times the number of members,
+            # its gradient for every member's weights is that of the member's own loss.
+            loss = self.loss(member_logits.flatten(0, 1), targets.repeat(members))
             optimizer.zero_grad()
-            self.manual_backward(loss)
+            self.manual_backward(loss * members)
             optimizer.step()
+            logits = member_logits.mean(dim=0)
             loss_sum += loss.detach() * len(targets)
             rows += len(targets)
             scores.append(self.scores(logits.detach()))

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 # Activations a checkpoint may name: only classes of torch.nn, never an arbitrary import path.
 ACTIVATIONS = ("ReLU", "Sigmoid", "Tanh", "LeakyReLU", "GELU", "ELU", "SiLU", "SELU")
+# An upper bound on ensemble members a checkpoint may ask for.
+MAX_MEMBERS = 64
 
 
 def build_activation(spec: Mapping[str, Any]) -> nn.Module:
@@ -46,3 +49,97 @@ class MLP(nn.Sequential):
     @property
     def linear_layers(self) -> list[nn.Linear]:
         return [m for m in self if isinstance(m, nn.Linear)]
+
+
+class BatchedLinear(nn.Module):
+    """``members`` independent linear layers applied at once: (members, rows, in) → (…, out).
+
+    Each member is initialised as :class:`torch.nn.Linear` would be, from its own draws.
+    """
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features))
+        for member in range(members):
+            layer = nn.Linear(in_features, out_features)
+            with torch.no_grad():
+                self.weight[member].copy_(layer.weight)
+                self.bias[member].copy_(layer.bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), inputs, self.weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        members = self.weight.shape[0]
+        return f"members={members}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _Replicate(nn.Module):
+    """Gives every member the same rows: (rows, in) → (members, rows, in), without a copy."""
+
+    def __init__(self, members: int) -> None:
+        super().__init__()
+        self.members = members
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.unsqueeze(0).expand(self.members, *inputs.shape)
+
+
+class _MemberMean(nn.Module):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.mean(dim=0)
+
+
+class MLPEnsemble(nn.Sequential):
+    """``members`` MLPs of one shape, trained side by side; the output is their mean logit.
+
+    Every member starts from its own random weights and draws its own dropout masks, and its
+    loss reaches only its own weights, so training them together equals training each alone
+    on the same batches. :meth:`member_logits` gives the members' logits for that loss.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        hidden_sizes: Sequence[int],
+        activation: Mapping[str, Any],
+        dropout: float = 0.0,
+        members: int = 2,
+    ) -> None:
+        members = int(members)
+        if not 1 <= members <= MAX_MEMBERS:
+            raise ValueError(f"members must be between 1 and {MAX_MEMBERS}, got {members}")
+        layers: list[nn.Module] = [_Replicate(members)]
+        width = input_size
+        for hidden in hidden_sizes:
+            layers += [BatchedLinear(members, width, int(hidden)), build_activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = int(hidden)
+        layers += [BatchedLinear(members, width, output_size), _MemberMean()]
+        super().__init__(*layers)
+        self.members = members
+
+    def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of every member: (members, rows, outputs)."""
+        values = inputs
+        for module in list(self)[:-1]:
+            values = module(values)
+        return values
+
+    @property
+    def linear_layers(self) -> list[BatchedLinear]:
+        return [m for m in self if isinstance(m, BatchedLinear)]
+
+
+def build_net(config: Mapping[str, Any]) -> MLP | MLPEnsemble:
+    """The network a checkpoint describes: one MLP, or an ensemble when ``members`` > 1."""
+    config = dict(config)
+    members = int(config.pop("members", 1))
+    if members == 1:
+        return MLP(**config)
+    return MLPEnsemble(**config, members=members)

@@ -161,7 +161,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
         )
     except RuntimeError as error:
-        if cfg.get("ckpt_path") and "size mismatch" in str(error):
+        mismatch = ("size mismatch", "Missing key", "Unexpected key")
+        if cfg.get("ckpt_path") and any(text in str(error) for text in mismatch):
             raise ConfigError(resume_mismatch(cfg.ckpt_path)) from None
         raise
     fit_seconds = time.perf_counter() - started
@@ -201,10 +202,11 @@ def resume_mismatch(checkpoint_path: str) -> str:
     net = read_checkpoint(checkpoint_path)[BUNDLE_KEY]["net"]
     sizes = ",".join(str(size) for size in net["hidden_sizes"])
     activation = activation_name(net["activation"])
+    members = net.get("members", 1)
     return (
         f"ckpt_path: {checkpoint_path} holds a different network than this config; resume "
         f"with the settings it was trained with, e.g. model.hidden_sizes=[{sizes}] "
-        f"(activation {activation}) and the same data set"
+        f"model.members={members} (activation {activation}) and the same data set"
     )
 
 
