@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,7 +80,11 @@ def run_prediction(cfg: DictConfig) -> None:
     from purchasenet.predictions import predict_file
 
     def predict(cfg: DictConfig) -> None:
-        rows = predict_file(cfg.ckpt_path, cfg.input, cfg.output)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            rows = predict_file(cfg.ckpt_path, cfg.input, cfg.output)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
         print(f"Scored {rows:,} rows of {cfg.input} with {cfg.ckpt_path}: wrote {cfg.output}")
 
     _report_user_errors(predict, cfg)

@@ -120,7 +120,7 @@ class FeatureEncoder:
 
     def category_index(self, position: int, value: Any) -> int:
         """Index of ``value`` among the categories of the feature at ``position``; -1 if unseen."""
-        return self._lookups[position].get(value, -1)
+        return self._lookups[position].get(_native(value), -1)
 
     def transform(self, columns: Mapping[str, Sequence]) -> np.ndarray:
         """Encode equal-length columns into a float32 matrix with one row per sample."""

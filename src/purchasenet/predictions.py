@@ -1,11 +1,14 @@
 """Score the rows of a CSV file with a checkpoint: class probabilities and a prediction per row.
 
 The output keeps every input column and adds ``probability_<class>`` (binary: the positive
-class only) and ``prediction`` (the class name). Lightning is not needed.
+class only) and ``prediction`` (the class name). Rows are checked as the server checks a
+request, so a file scores exactly when the server would answer it. Lightning is not needed.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +37,41 @@ def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
         if feature.spec.kind != NUMERIC:
             continue
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0]) + 1
-            raise DataError(
-                f"{path.name}: column {column!r} must hold finite numbers; data row {row} "
-                f"(line {row + 1}) holds {frame[column].iloc[row - 1]!r}"
-            )
+        spec = feature.spec
+        checks = [(~np.isfinite(values), "must hold finite numbers")]
+        if spec.minimum is not None:
+            checks.append((values < spec.minimum, f"must be at least {spec.minimum:g}"))
+        if spec.maximum is not None:
+            checks.append((values > spec.maximum, f"must be at most {spec.maximum:g}"))
+        for bad, rule in checks:
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0]) + 1
+                value = frame[column].iloc[row - 1]
+                value = value.item() if isinstance(value, np.generic) else value
+                raise DataError(
+                    f"{path.name}: column {column!r} {rule}; data row {row} (line {row + 1}) "
+                    f"holds {value!r}"
+                )
+    _warn_unseen_categories(frame, model, path.name)
     return frame
+
+
+def _warn_unseen_categories(frame: pd.DataFrame, model: PurchaseModel, name: str) -> None:
+    """Warn, as the server does, about categories training never saw (they score as none)."""
+    encoder = model.encoder
+    for position, feature in enumerate(encoder.features):
+        if feature.spec.kind == NUMERIC:
+            continue
+        values = frame[feature.spec.name].unique()
+        unseen = [value for value in values if encoder.category_index(position, value) < 0]
+        if unseen:
+            shown = ", ".join(repr(value) for value in unseen[:5])
+            more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+            warnings.warn(
+                f"{name}: column {feature.spec.name!r} holds values training never saw "
+                f"({shown}{more}); they are scored as no known category",
+                stacklevel=2,
+            )
 
 
 def predict_rows(model: PurchaseModel, frame: pd.DataFrame) -> pd.DataFrame:
@@ -63,10 +93,22 @@ def predict_rows(model: PurchaseModel, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_file(checkpoint: str | Path, source: str | Path, target: str | Path) -> int:
-    """Score ``source`` with ``checkpoint`` into ``target``; return the number of rows."""
+    """Score ``source`` with ``checkpoint`` into ``target``; return the number of rows.
+
+    The output appears whole or not at all, and never replaces the input file.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise DataError(
+            f"output {target} is the input file; write the scored rows to another path"
+        )
     model = PurchaseModel.from_checkpoint(checkpoint)
     scored = predict_rows(model, read_rows(source, model))
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scored.to_csv(target, index=False)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        scored.to_csv(partial, index=False)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return len(scored)
