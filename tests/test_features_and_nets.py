@@ -134,3 +134,18 @@ def test_build_net_reads_the_number_of_members():
     for members in (0, MAX_MEMBERS + 1):
         with pytest.raises(ValueError, match=f"members must be between 1 and {MAX_MEMBERS}"):
             build_net({**config, "members": members})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_sizes": [100_000, 100_000]}, "parameters, more than 50,000,000"),
+        ({"members": 64, "hidden_sizes": [1000, 1000]}, "parameters, more than 50,000,000"),
+        ({"hidden_sizes": [0]}, "layer widths must be positive whole numbers"),
+        ({"hidden_sizes": [-4]}, "layer widths must be positive whole numbers"),
+    ],
+)
+def test_build_net_refuses_a_described_network_before_allocating_it(change, message):
+    config = dict(input_size=3, output_size=2, hidden_sizes=[4], activation=RELU)
+    with pytest.raises(ValueError, match=message):
+        build_net({**config, **change})

@@ -72,3 +72,8 @@ def test_ensemble_classifier_scores_with_the_mean_logit_of_its_members():
     torch.testing.assert_close(model(inputs), model.member_logits(inputs).mean(0))
     assert model.net_config()["members"] == 3
     assert "members" not in SegmentClassifier(2, list("abcd")).net_config()
+
+
+def test_model_refuses_a_network_too_large_to_build():
+    with pytest.raises(ConfigError, match="model: the network would hold .* parameters"):
+        BinaryPurchaseClassifier(2, ["no", "yes"], hidden_sizes=[20_000, 20_000], members=2)

@@ -82,7 +82,10 @@ class PurchaseClassifier(L.LightningModule):
             )
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = build_net(self.net_config())
+        try:
+            self.net = build_net(self.net_config())
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=0.01)
         self.scheduler_factory = scheduler
         if class_weights is not None:

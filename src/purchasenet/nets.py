@@ -10,8 +10,9 @@ from torch import nn
 
 # Activations a checkpoint may name: only classes of torch.nn, never an arbitrary import path.
 ACTIVATIONS = ("ReLU", "Sigmoid", "Tanh", "LeakyReLU", "GELU", "ELU", "SiLU", "SELU")
-# An upper bound on ensemble members a checkpoint may ask for.
+# Upper bounds on what a checkpoint may ask for, checked before any memory is allocated.
 MAX_MEMBERS = 64
+MAX_PARAMETERS = 50_000_000
 
 
 def build_activation(spec: Mapping[str, Any]) -> nn.Module:
@@ -140,6 +141,14 @@ def build_net(config: Mapping[str, Any]) -> MLP | MLPEnsemble:
     """The network a checkpoint describes: one MLP, or an ensemble when ``members`` > 1."""
     config = dict(config)
     members = int(config.pop("members", 1))
+    widths = [config["input_size"], *config["hidden_sizes"], config["output_size"]]
+    if not all(isinstance(width, int) and width > 0 for width in widths):
+        raise ValueError(f"layer widths must be positive whole numbers, got {widths}")
+    parameters = members * sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(
+            f"the network would hold {parameters:,} parameters, more than {MAX_PARAMETERS:,}"
+        )
     if members == 1:
         return MLP(**config)
     return MLPEnsemble(**config, members=members)
