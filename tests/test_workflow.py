@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -251,3 +252,25 @@ def test_same_seed_gives_the_same_metrics(train_config, tmp_path):
 
     first, again = map(validation_curve_and_test_metrics, ["first", "again"])
     assert len(first[0]) == 2 and first == again
+
+
+def test_eval_warns_when_the_training_csv_has_changed(train_config, tmp_path):
+    import warnings
+
+    from purchasenet.training import train
+
+    rng = np.random.default_rng(0)
+    minutes = rng.exponential(10.0, 400)
+    visits = pd.DataFrame({"minutes": minutes, "bought": (minutes > 12).astype(int)})
+    path = tmp_path / "visits.csv"
+    visits.to_csv(path, index=False)
+    train(train_config("data=csv", f"data.dataset.path={path}", "data.dataset.target=bought",
+                       "data.dataset.numeric=[minutes]", "trainer.max_epochs=1", "run_name=csv"))
+    checkpoint = tmp_path / "checkpoints" / "csv" / "best.ckpt"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_checkpoint(checkpoint)  # unchanged file: no warning
+    visits.iloc[::-1].to_csv(path, index=False)
+    with pytest.warns(UserWarning, match=r"visits.csv has changed since training \(its sha256"):
+        evaluate_checkpoint(checkpoint)

@@ -59,12 +59,20 @@ def _report_user_errors(action, cfg: DictConfig):
         fail(str(cause))
 
 
+def print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+
 def run_evaluation(cfg: DictConfig) -> None:
     """Print the checkpoint's metrics on a split of its own data, beside those from training."""
     from purchasenet.evaluation import evaluate_checkpoint
 
     def evaluate(cfg: DictConfig) -> None:
-        model, metrics, rows = evaluate_checkpoint(cfg.ckpt_path, cfg.split)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            model, metrics, rows = evaluate_checkpoint(cfg.ckpt_path, cfg.split)
+        print_warnings(caught)
         stored = model.metadata.get("test_metrics", {})
         print(f"Checkpoint {cfg.ckpt_path}\n{model.metadata.get('dataset')} ({model.task}), "
               f"{cfg.split} split of {rows:,} rows:")
@@ -83,8 +91,7 @@ def run_prediction(cfg: DictConfig) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             rows = predict_file(cfg.ckpt_path, cfg.input, cfg.output)
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+        print_warnings(caught)
         print(f"Scored {rows:,} rows of {cfg.input} with {cfg.ckpt_path}: wrote {cfg.output}")
 
     _report_user_errors(predict, cfg)

@@ -196,4 +196,5 @@ class PurchaseDataModule(L.LightningDataModule):
             "target": self.dataset.target_name,
             "sizes": self.splits.sizes() if self.splits else {},
             "bayes_accuracy": self.dataset.bayes_accuracy,
+            "fingerprint": self.dataset.fingerprint(),
         }

@@ -6,6 +6,7 @@ columns and an integer ``target`` column with the class index.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class PurchaseDataset:
 
     def load(self) -> Splits:
         raise NotImplementedError
+
+    def fingerprint(self) -> str | None:
+        """A digest of the source file, to notice later that it changed; None when generated."""
+        return None
 
 
 def _normal_cdf(x: float) -> float:
@@ -233,6 +238,13 @@ class CsvDataset(PurchaseDataset):
 
     def read_frame(self) -> pd.DataFrame:
         return read_csv_file(self.path, "data.dataset.path")
+
+    def fingerprint(self) -> str | None:
+        try:
+            with open(self.path, "rb") as handle:
+                return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return None
 
     def load(self) -> Splits:
         from sklearn.model_selection import train_test_split

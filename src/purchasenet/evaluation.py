@@ -7,6 +7,7 @@ checkpoint's own encoder and network, as serving would. Lightning is not needed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,15 @@ def evaluate_checkpoint(
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     model = PurchaseModel.from_checkpoint(checkpoint)
     config = model.metadata.get("config") or {}
-    frame = getattr(rebuild_dataset(config, checkpoint).load(), split)
+    dataset = rebuild_dataset(config, checkpoint)
+    trained_on = model.metadata["data"].get("fingerprint")
+    if trained_on is not None and dataset.fingerprint() != trained_on:
+        warnings.warn(
+            f"{getattr(dataset, 'path', 'the data file')} has changed since training (its "
+            "sha256 differs), so the split and these metrics may not match training's",
+            stacklevel=2,
+        )
+    frame = getattr(dataset.load(), split)
     class_weights = config.get("model", {}).get("class_weights")
     metrics = score(model, frame, class_weights)
     return model, {f"{split}/{name}": value for name, value in sorted(metrics.items())}, len(frame)

@@ -135,6 +135,7 @@ class PurchaseModel:
                 "checkpoint": str(path),
                 "run_name": bundle.get("run_name"),
                 "dataset": bundle.get("dataset"),
+                "data": dict(bundle.get("data") or {}),
                 "target": bundle.get("target"),
                 "test_metrics": dict(bundle.get("test_metrics", {})),
                 "net": dict(bundle["net"]),
