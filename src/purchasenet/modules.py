@@ -82,8 +82,9 @@ class PurchaseClassifier(L.LightningModule):
             )
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        net_config = self.net_config()
         try:
-            self.net = build_net(self.net_config())
+            self.net = build_net(net_config)
         except ValueError as error:
             raise ConfigError(f"model: {error}") from None
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=0.01)
