@@ -77,3 +77,43 @@ def test_ensemble_classifier_scores_with_the_mean_logit_of_its_members():
 def test_model_refuses_a_network_too_large_to_build():
     with pytest.raises(ConfigError, match="model: the network would hold .* parameters"):
         BinaryPurchaseClassifier(2, ["no", "yes"], hidden_sizes=[20_000, 20_000], members=2)
+
+
+def test_gradient_clipping_caps_the_norm_of_every_step():
+    import lightning as L
+
+    from conftest import compose_train
+    from purchasenet.training import build_datamodule
+
+    class NormRecorder(L.Callback):
+        def __init__(self):
+            self.norms = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])).item())
+
+    norms = {}
+    for clip in (None, 0.05):
+        torch.manual_seed(0)
+        datamodule = build_datamodule(compose_train([]).data)
+        datamodule.setup()
+        model = BinaryPurchaseClassifier(datamodule.input_size, datamodule.class_names,
+                                         gradient_clip_val=clip)
+        recorder = NormRecorder()
+        trainer = L.Trainer(max_epochs=1, callbacks=[recorder], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(model, datamodule=datamodule)
+        norms[clip] = recorder.norms
+
+    assert len(norms[0.05]) == len(norms[None]) == 25
+    assert max(norms[None]) > 0.05
+    assert max(norms[0.05]) <= 0.05 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("clip", [0, -1.0, True, "big"])
+def test_gradient_clip_value_must_be_positive(clip):
+    with pytest.raises(ConfigError, match="model.gradient_clip_val must be a positive number"):
+        BinaryPurchaseClassifier(2, ["no", "yes"], gradient_clip_val=clip)

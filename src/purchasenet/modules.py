@@ -63,6 +63,7 @@ class PurchaseClassifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         class_weights: Sequence[float] | None = None,
         members: int = 1,
+        gradient_clip_val: float | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -79,6 +80,15 @@ class PurchaseClassifier(L.LightningModule):
             raise ConfigError(
                 f"model.members must be a whole number of networks from 1 to {MAX_MEMBERS}; "
                 f"got {members!r}"
+            )
+        if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool)
+            or not isinstance(gradient_clip_val, (int, float))
+            or not gradient_clip_val > 0
+        ):
+            raise ConfigError(
+                f"model.gradient_clip_val must be a positive number or null; "
+                f"got {gradient_clip_val!r}"
             )
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -183,6 +193,8 @@ class PurchaseClassifier(L.LightningModule):
             loss = self.loss(member_logits.flatten(0, 1), targets.repeat(members))
             optimizer.zero_grad()
             self.manual_backward(loss * members)
+            if self.hparams.gradient_clip_val is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val)
             optimizer.step()
             logits = member_logits.mean(dim=0)
             loss_sum += loss.detach() * len(targets)
