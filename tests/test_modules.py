@@ -83,7 +83,9 @@ def test_gradient_clipping_caps_the_norm_of_every_step():
     import lightning as L
 
     from conftest import compose_train
-    from purchasenet.training import build_datamodule
+    from purchasenet.training import build_datamodule, quiet_lightning
+
+    quiet_lightning()
 
     class NormRecorder(L.Callback):
         def __init__(self):

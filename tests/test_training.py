@@ -273,6 +273,7 @@ def test_an_ensemble_trains_checkpoints_and_predicts_with_its_mean_logit(train_c
     assert model.decide(expected).tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("change", ["model.members=1", "model.members=3"])
 def test_resuming_an_ensemble_with_another_number_of_members_names_the_setting(
     train_config, tmp_path, change
