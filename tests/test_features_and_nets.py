@@ -89,7 +89,7 @@ def standalone_member(ensemble: MLPEnsemble, member: int) -> MLP:
     net = MLP(3, 1, hidden_sizes=[8, 4], activation=RELU)
     with torch.no_grad():
         for layer, batched in zip(net.linear_layers, ensemble.linear_layers):
-            layer.weight.copy_(batched.weight[member])
+            layer.weight.copy_(batched.weight[member].T)
             layer.bias.copy_(batched.bias[member])
     return net
 
@@ -122,7 +122,7 @@ def test_each_ensemble_member_gets_the_gradient_of_its_own_loss():
     own = torch.nn.functional.binary_cross_entropy_with_logits(alone(inputs).squeeze(-1), targets)
     own.backward()
     for layer, batched in zip(alone.linear_layers, ensemble.linear_layers):
-        torch.testing.assert_close(batched.weight.grad[2], layer.weight.grad)
+        torch.testing.assert_close(batched.weight.grad[2], layer.weight.grad.T)
         torch.testing.assert_close(batched.bias.grad[2], layer.bias.grad)
 
 

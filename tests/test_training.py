@@ -257,7 +257,7 @@ def test_an_ensemble_trains_checkpoints_and_predicts_with_its_mean_logit(train_c
     run = only_run(tmp_path, "checkpoints")
     checkpoint = torch.load(run / "best.ckpt", weights_only=True)
     assert checkpoint[BUNDLE_KEY]["net"]["members"] == 3
-    assert checkpoint["state_dict"]["net.1.weight"].shape == (3, 16, 1)
+    assert checkpoint["state_dict"]["net.1.weight"].shape == (3, 1, 16)
     assert metrics["test/acc"] > 0.90
     tags = scalar_tags(only_run(tmp_path, "logs"))
     assert {"grad_norm/hidden_1", "grad_norm/output"} <= set(tags)

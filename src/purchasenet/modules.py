@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -108,6 +108,7 @@ class PurchaseClassifier(L.LightningModule):
         self.threshold = 0.5
         metrics = self.build_metrics(len(class_names))
         self.train_metrics = metrics.clone(prefix="train/")
+        self.train_loss = MeanMetric()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         for evaluation in (self.val_metrics, self.test_metrics):
@@ -202,10 +203,7 @@ class PurchaseClassifier(L.LightningModule):
             scores.append(self.scores(logits.detach()))
             seen.append(targets)
         self.train_metrics.update(torch.cat(scores), torch.cat(seen))
-        self.log(
-            "train/loss", loss_sum / rows, on_step=False, on_epoch=True, batch_size=rows,
-            sync_dist=True,
-        )
+        self.train_loss.update(loss_sum / rows, weight=rows)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -214,8 +212,13 @@ class PurchaseClassifier(L.LightningModule):
         self._step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict(self.train_metrics.compute())
+        # Computed here, where every process arrives in the same order, and not by a
+        # synchronised self.log: the progress bar, on the first process only, would read such
+        # a value first and wait on the others, which wait in these computations (deadlock).
+        values = {**self.train_metrics.compute(), "train/loss": self.train_loss.compute()}
+        self.log_dict(values)
         self.train_metrics.reset()
+        self.train_loss.reset()
         # Manual optimization leaves the learning-rate schedule to the module; validation of
         # this epoch has already run, so a plateau schedule can read its loss.
         scheduler = self.lr_schedulers()

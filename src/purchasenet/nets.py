@@ -55,23 +55,25 @@ class MLP(nn.Sequential):
 class BatchedLinear(nn.Module):
     """``members`` independent linear layers applied at once: (members, rows, in) → (…, out).
 
-    Each member is initialised as :class:`torch.nn.Linear` would be, from its own draws.
+    Each member is initialised as :class:`torch.nn.Linear` would be, from its own draws. The
+    weight is stored (members, in, out), the transpose of ``nn.Linear``'s, so that the product
+    and its gradient need no transposed copy.
     """
 
     def __init__(self, members: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(members, out_features))
         for member in range(members):
             layer = nn.Linear(in_features, out_features)
             with torch.no_grad():
-                self.weight[member].copy_(layer.weight)
+                self.weight[member].copy_(layer.weight.T)
                 self.bias[member].copy_(layer.bias)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), inputs, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), inputs, self.weight)
 
     def extra_repr(self) -> str:
         members = self.weight.shape[0]
