@@ -244,6 +244,50 @@ def test_resume_continues_the_same_run_to_the_new_epoch_count(train_config, tmp_
     assert summary["epochs"] == 4 and "test/acc" in metrics
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("activation=sigmoid", r"activation relu \(here sigmoid\)"),
+        ("data=browsing", r"data=xor \(here browsing\)"),
+        ("data.dataset.seed=1", r"data.dataset.seed 0 \(here 1\)"),
+        ("model.hidden_sizes=[8,8]", r"model.hidden_sizes \[16,16\] \(here \[8,8\]\)"),
+    ],
+)
+def test_resume_with_another_network_or_data_is_refused_and_writes_nothing(
+    train_config, tmp_path, change, message
+):
+    from purchasenet.errors import ConfigError
+
+    train(train_config("data=xor", "trainer.max_epochs=1", "run_name=xor", *QUICK))
+    run = tmp_path / "checkpoints" / "xor"
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+
+    with pytest.raises(ConfigError, match=f"was trained with other settings: .*{message}"):
+        train(train_config("data=xor", change, f"ckpt_path={run / 'last.ckpt'}",
+                           "trainer.max_epochs=2", *QUICK))
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
+def test_resume_from_a_copied_run_continues_in_the_copy(train_config, tmp_path):
+    import shutil
+
+    train(train_config("data=xor", "trainer.max_epochs=1", "run_name=original", *QUICK))
+    original = tmp_path / "checkpoints" / "original"
+    before = {path.name: path.read_bytes() for path in original.iterdir()}
+    shutil.copytree(original, tmp_path / "checkpoints" / "copy")
+    shutil.copy(original / "last.ckpt", tmp_path / "elsewhere.ckpt")
+
+    train(train_config("data=xor", f"ckpt_path={tmp_path / 'checkpoints' / 'copy' / 'last.ckpt'}",
+                       "trainer.max_epochs=2", *QUICK))
+    train(train_config("data=xor", f"ckpt_path={tmp_path / 'elsewhere.ckpt'}",
+                       "trainer.max_epochs=2", *QUICK))
+
+    assert {path.name: path.read_bytes() for path in original.iterdir()} == before
+    assert torch.load(tmp_path / "checkpoints" / "copy" / "last.ckpt", weights_only=True)["epoch"] == 1
+    resumed = tmp_path / "checkpoints" / "original-resumed" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["epoch"] == 1
+
+
 def test_same_seed_gives_the_same_metrics(train_config, tmp_path):
     def validation_curve_and_test_metrics(name: str) -> tuple[list[dict], dict]:
         metrics = train(train_config("data=xor", "trainer.max_epochs=2", f"run_name={name}",

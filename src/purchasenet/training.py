@@ -33,25 +33,100 @@ def resolve_run_name(cfg: DictConfig) -> str:
     Child processes of a multi-process strategy inherit the name through the environment,
     so every process writes into the same run. Only a process Lightning started for another
     device reads it, so the next run of a sweep in the same process gets a name of its own.
-    A run resumed from a checkpoint keeps the checkpoint's name and folders.
+    A run resumed from a checkpoint in ``checkpoints/<run>/`` continues in that run's folders;
+    one resumed from a file elsewhere keeps the name stored in it, or, if a run of that name
+    exists already, gets a new one, so that it never writes into a run it did not come from.
     """
     if cfg.get("run_name"):
         return str(cfg.run_name)
     if os.environ.get(RUN_NAME_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         return os.environ[RUN_NAME_ENV]
+    base = None
     if cfg.get("ckpt_path"):
         stored = read_checkpoint(cfg.ckpt_path)[BUNDLE_KEY].get("run_name")
-        if stored:
+        folder = Path(cfg.ckpt_path).resolve().parent
+        if folder.parent == Path(cfg.paths.checkpoint_dir).resolve():
+            return folder.name
+        base = f"{stored}-resumed" if stored else None
+        if stored and not _run_exists(cfg, str(stored)):
             return str(stored)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{cfg.data.name}-{cfg.model.name}-{activation_name(cfg.activation)}-{stamp}"
+    if base is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{cfg.data.name}-{cfg.model.name}-{activation_name(cfg.activation)}-{stamp}"
     name, suffix = base, 1
-    while (Path(cfg.paths.log_dir) / name).exists() or (
-        Path(cfg.paths.checkpoint_dir) / name
-    ).exists():
+    while _run_exists(cfg, name):
         suffix += 1
         name = f"{base}-{suffix}"
     return name
+
+
+def _run_exists(cfg: DictConfig, name: str) -> bool:
+    return (Path(cfg.paths.log_dir) / name).exists() or (
+        Path(cfg.paths.checkpoint_dir) / name
+    ).exists()
+
+
+# Data settings that change only how rows are batched, which a resumed run may change.
+BATCHING_KEYS = ("batch_size", "eval_batch_size", "chunk_batches")
+
+
+def check_resume(cfg: DictConfig, model) -> None:
+    """Refuse to continue a checkpoint with another network or other data, naming what differs.
+
+    Resuming loads the weights into the configured network and then calibrates and tests the
+    best checkpoint with it; a network or data set other than the one the weights were trained
+    with would write wrong calibration and metrics into that checkpoint.
+    """
+    bundle = read_checkpoint(cfg.ckpt_path)[BUNDLE_KEY]
+    stored_net, current_net = dict(bundle.get("net") or {}), model.net_config()
+    differences = []
+    for key, setting, default in (
+        ("hidden_sizes", "model.hidden_sizes", None),
+        ("members", "model.members", 1),
+    ):
+        before, now = stored_net.get(key, default), current_net.get(key, default)
+        if before != now:
+            differences.append(f"{setting} {_shown(before)} (here {_shown(now)})")
+    if "activation" in stored_net and stored_net["activation"] != current_net["activation"]:
+        differences.append(
+            f"activation {activation_name(stored_net['activation'])} "
+            f"(here {activation_name(current_net['activation'])})"
+        )
+    stored_data = dict((bundle.get("config") or {}).get("data") or {})
+    current_data = stored_config(cfg)["data"]
+    if stored_data and stored_data.get("name") != current_data.get("name"):
+        differences.append(f"data={stored_data.get('name')} (here {current_data.get('name')})")
+    elif stored_data:
+        for key in sorted(set(stored_data) | set(current_data)):
+            if key in BATCHING_KEYS or stored_data.get(key) == current_data.get(key):
+                continue
+            if key == "dataset":
+                differences += _dataset_differences(stored_data[key], current_data.get(key))
+            else:
+                differences.append(
+                    f"data.{key} {_shown(stored_data.get(key))} "
+                    f"(here {_shown(current_data.get(key))})"
+                )
+    if differences:
+        raise ConfigError(
+            f"ckpt_path: {cfg.ckpt_path} was trained with other settings: "
+            f"{'; '.join(differences)}; resume with the settings it was trained with"
+        )
+
+
+def _dataset_differences(stored: Any, current: Any) -> list[str]:
+    stored, current = dict(stored or {}), dict(current or {})
+    return [
+        f"data.dataset.{key} {_shown(stored.get(key))} (here {_shown(current.get(key))})"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(item) for item in value) + "]"
+    return str(value)
 
 
 def build_datamodule(data_cfg: DictConfig | dict):
@@ -135,6 +210,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg, model)
     model.bundle = {
         "format_version": 1,
         "run_name": run_name,
@@ -157,9 +234,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     started = time.perf_counter()
     try:
-        trainer.fit(
-            model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
-        )
+        with warnings.catch_warnings():
+            if cfg.get("ckpt_path"):
+                # A resumed run continues in its own folder, which is meant to be non-empty.
+                warnings.filterwarnings(
+                    "ignore", message=r"Checkpoint directory .* exists and is not empty"
+                )
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+            )
     except RuntimeError as error:
         mismatch = ("size mismatch", "Missing key", "Unexpected key")
         if cfg.get("ckpt_path") and any(text in str(error) for text in mismatch):
