@@ -80,3 +80,14 @@ def test_unseen_categories_are_scored_with_a_warning_naming_the_column(tmp_path)
         "sessions.csv: column 'VisitorType' holds values training never saw ('Robot'); "
         "they are scored as no known category"
     ]
+
+
+def test_an_output_that_is_a_folder_or_unwritable_ends_in_one_message(browsing, tmp_path):
+    source = tmp_path / "visits.csv"
+    source.write_text("browsing_time\n5.0\n")
+    (tmp_path / "blocked").write_text("a file where a folder should be\n")
+
+    with pytest.raises(DataError, match=r"output .* is a folder; name a file, e.g. .*scored.csv"):
+        predict_file(browsing, source, tmp_path)
+    with pytest.raises(DataError, match=r"cannot write output .*blocked/scored.csv"):
+        predict_file(browsing, source, tmp_path / "blocked" / "scored.csv")

@@ -7,6 +7,7 @@ request, so a file scores exactly when the server would answer it. Lightning is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -98,17 +99,22 @@ def predict_file(checkpoint: str | Path, source: str | Path, target: str | Path)
     The output appears whole or not at all, and never replaces the input file.
     """
     source, target = Path(source), Path(target)
+    if target.is_dir():
+        raise DataError(f"output {target} is a folder; name a file, e.g. {target / 'scored.csv'}")
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise DataError(
             f"output {target} is the input file; write the scored rows to another path"
         )
     model = PurchaseModel.from_checkpoint(checkpoint)
     scored = predict_rows(model, read_rows(source, model))
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         scored.to_csv(partial, index=False)
         os.replace(partial, target)
+    except OSError as error:
+        raise DataError(f"cannot write output {target}: {error.strerror or error}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return len(scored)
