@@ -42,6 +42,7 @@ from purchasenet.serving import (
     build_server,
     ensure_port_free,
     find_latest_checkpoint,
+    model_metadata,
     request_model,
     resolve_checkpoint,
     run_server,
@@ -613,3 +614,26 @@ def test_null_checkpoint_without_any_says_to_train_first(tmp_path, monkeypatch):
 
     with pytest.raises(CheckpointError, match="train one first with make train"):
         resolve_checkpoint(None)
+
+
+def test_newest_run_that_did_not_finish_is_passed_over_with_a_note(tmp_path, monkeypatch, capsys):
+    from purchasenet.calibration import update_bundle
+
+    finished = browsing_checkpoint(tmp_path / "checkpoints" / "done" / "best.ckpt")
+    stopped = browsing_checkpoint(tmp_path / "checkpoints" / "stopped" / "best.ckpt")
+    update_bundle(stopped, finished=False)
+    stamp = time.time()
+    os.utime(finished, (stamp - 100, stamp - 100))
+    os.utime(stopped, (stamp - 10, stamp - 10))
+    monkeypatch.chdir(tmp_path)
+
+    assert resolve_checkpoint(None).resolve() == finished.resolve()
+    assert "note: passing over 1 newer best.ckpt of runs that did not finish" in (
+        capsys.readouterr().err
+    )
+    assert PurchaseModel.from_checkpoint(stopped).metadata["finished"] is False
+    assert model_metadata(PurchaseModel.from_checkpoint(stopped))["run_finished"] is False
+
+    update_bundle(finished, finished=False)  # no finished run at all: the newest
+    os.utime(finished, (stamp - 100, stamp - 100))
+    assert resolve_checkpoint(None).resolve() == stopped.resolve()

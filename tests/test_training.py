@@ -285,3 +285,10 @@ def test_resuming_an_ensemble_with_another_number_of_members_names_the_setting(
 
     with pytest.raises(ConfigError, match=r"trained with other settings: model.members 2 \(here"):
         train(train_config(change, "trainer.max_epochs=2", f"ckpt_path={last}"))
+
+
+def test_a_finished_run_marks_its_best_checkpoint_and_only_then(trained_binary):
+    workdir, _ = trained_binary
+    run = only_run(workdir, "checkpoints")
+    assert torch.load(run / "best.ckpt", weights_only=True)[BUNDLE_KEY]["finished"] is True
+    assert torch.load(run / "last.ckpt", weights_only=True)[BUNDLE_KEY]["finished"] is False

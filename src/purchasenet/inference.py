@@ -140,6 +140,8 @@ class PurchaseModel:
                 "test_metrics": dict(bundle.get("test_metrics", {})),
                 "net": dict(bundle["net"]),
                 "config": bundle.get("config", {}),
+                # False only in a checkpoint whose run stopped before calibration and test.
+                "finished": bool(bundle.get("finished", True)),
             },
         )
 

@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from purchasenet.batching import QUEUE_POLL_S, IsolatingBatchLoop
 from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FittedFeature
-from purchasenet.inference import CheckpointError, PurchaseModel
+from purchasenet.inference import BUNDLE_KEY, CheckpointError, PurchaseModel, read_checkpoint
 from purchasenet.request_guard import (
     RequestGuard,
     error_response,
@@ -518,6 +518,7 @@ def model_metadata(model: PurchaseModel) -> dict[str, Any]:
         "threshold": model.threshold if model.task == "binary" else None,
         "test_metrics": {k: float(v) for k, v in metadata.get("test_metrics", {}).items()},
         "net": metadata.get("net"),
+        "run_finished": metadata.get("finished", True),
     }
 
 
@@ -768,7 +769,11 @@ def build_server(
 
 
 def find_latest_checkpoint(root: str | Path = CHECKPOINT_ROOT) -> Path:
-    """The most recently written ``best.ckpt`` under ``root``."""
+    """The most recently written ``best.ckpt`` under ``root`` of a run that finished.
+
+    A run stopped before calibration and test leaves an uncalibrated ``best.ckpt``; newer ones
+    of those are passed over (with a note), unless no run finished at all.
+    """
     root = Path(root)
     candidates = sorted(root.glob("**/best.ckpt"), key=lambda path: path.stat().st_mtime)
     if not candidates:
@@ -776,7 +781,24 @@ def find_latest_checkpoint(root: str | Path = CHECKPOINT_ROOT) -> Path:
             f"no best.ckpt found under {root}/; train one first with make train, "
             "or pass ckpt_path=path/to/best.ckpt"
         )
-    return candidates[-1]
+    unfinished = []
+    for path in reversed(candidates):
+        try:
+            finished = read_checkpoint(path)[BUNDLE_KEY].get("finished", True)
+        except CheckpointError:
+            finished = False
+        if finished:
+            break
+        unfinished.append(path)
+    else:
+        return candidates[-1]
+    if unfinished:
+        print(
+            f"note: passing over {len(unfinished)} newer best.ckpt of runs that did not finish "
+            f"(newest: {unfinished[0]}); serving {path}",
+            file=sys.stderr,
+        )
+    return path
 
 
 def resolve_checkpoint(ckpt_path: str | Path | None) -> Path:
@@ -878,6 +900,12 @@ def run_server(cfg: Mapping[str, Any]) -> None:
         raise SystemExit(f"error: {error}") from None
 
     info = server.model_metadata
+    if not info["run_finished"]:
+        print(
+            f"warning: {checkpoint} comes from a run that stopped before calibration and "
+            "test: its probabilities are not calibrated and /info has no test metrics",
+            file=sys.stderr,
+        )
     features = ", ".join(feature["name"] for feature in info["features"])
     print(f"Serving {info['name']} ({info['task']}; features: {features}) from {checkpoint}")
     print(f"POST http://{host}:{port}/predict  (schema at /docs, model at /info)")

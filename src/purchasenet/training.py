@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from purchasenet.calibration import calibrate, log_reliability_diagram
+from purchasenet.calibration import calibrate, log_reliability_diagram, update_bundle
 from purchasenet.errors import ConfigError
 from purchasenet.inference import BUNDLE_KEY, read_checkpoint
 
@@ -224,6 +224,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "threshold": 0.5,
         "temperature": 1.0,
         "test_metrics": {},
+        # Set once calibration and test are done: a run stopped before has False here.
+        "finished": False,
     }
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -273,6 +275,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log_reliability_diagram(model, datamodule, loggers, trainer.global_step)
 
     if trainer.is_global_zero:
+        if best_path:
+            update_bundle(best_path, finished=True)
         for logger in loggers:
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
                 logger.experiment.add_scalar("time/fit_seconds", fit_seconds, trainer.global_step)
