@@ -130,6 +130,7 @@ def test_train_script_user_errors_end_in_one_message_and_write_no_checkpoint(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "logs").exists() or list((tmp_path / "logs" / "hydra").iterdir()) == []
 
 
 CSV_OPTIONS = [

@@ -183,7 +183,10 @@ def test_eval_script_prints_the_test_metrics_of_training(xor_run):
 
     assert result.returncode == 0, result.stderr
     accuracy = f"{metrics['test/acc']:.4f}"
-    assert f"test/acc           {accuracy}   (training: {accuracy})" in result.stdout
+    lines = result.stdout.splitlines()
+    assert f"  {'test/acc':<22} {accuracy}   (training: {accuracy})" in lines
+    # One column of values, whatever the length of the metric names.
+    assert len({line.index(".") for line in lines if line.startswith("  test/")}) == 1
     assert list(workdir.glob("*.log")) == [] and not (workdir / ".hydra").exists()
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,8 +34,29 @@ def run_training(cfg: DictConfig) -> float | None:
         cause = user_error_in(error) or _lightning_configuration_error(error)
         if cause is None:
             raise
+        _discard_unused_job_folder()
         fail(str(cause))
     return metrics.get("val/acc_best")
+
+
+def _discard_unused_job_folder() -> None:
+    """Remove a single run's Hydra folder when the run stopped before writing anything to it
+    beyond Hydra's own record of the config and an empty log."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if not folder.is_dir():
+        return
+    entries = list(folder.iterdir())
+    unused = [
+        entry.name == ".hydra" or (entry.suffix == ".log" and entry.stat().st_size == 0)
+        for entry in entries
+    ]
+    if all(unused):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _lightning_configuration_error(error: BaseException) -> BaseException | None:
@@ -76,9 +99,10 @@ def run_evaluation(cfg: DictConfig) -> None:
         stored = model.metadata.get("test_metrics", {})
         print(f"Checkpoint {cfg.ckpt_path}\n{model.metadata.get('dataset')} ({model.task}), "
               f"{cfg.split} split of {rows:,} rows:")
+        width = max(map(len, metrics), default=0)
         for key, value in metrics.items():
             at_training = f"   (training: {stored[key]:.4f})" if key in stored else ""
-            print(f"  {key:<18} {value:.4f}{at_training}")
+            print(f"  {key:<{width}} {value:.4f}{at_training}")
 
     _report_user_errors(evaluate, cfg)
 
