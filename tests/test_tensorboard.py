@@ -181,7 +181,7 @@ def test_tensorboard_serves_every_view_of_a_short_run(tensorboard, xor_run):
     experiment = tensorboard.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
     hparams = {info["name"] for info in experiment["hparamInfos"]}
     metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
-    assert {"model.hidden_sizes", "model.optimizer.lr", "data.name"} <= hparams
+    assert {"model.hidden_sizes", "model.members", "model.optimizer.lr", "data.name"} <= hparams
     assert {"val/acc_best", "test/acc", "test/loss"} <= metrics
     groups = tensorboard.post_json(
         "/data/plugin/hparams/session_groups",
