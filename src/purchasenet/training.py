@@ -282,7 +282,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logger.experiment.add_scalar("time/fit_seconds", fit_seconds, trainer.global_step)
             logger.finalize("success")
         print_summary(run_name, metrics, loggers, best_path, datamodule)
+    leave_process_group(trainer)
     return metrics
+
+
+def leave_process_group(trainer) -> None:
+    """Under several processes, wait until all are done, then let the started ones disconnect.
+
+    A started process that exits while still connected can abort in the communication
+    library's shutdown; Lightning's launcher then kills the whole run (and, in a sweep, the
+    jobs after it). The first process keeps the group: a sweep ends it between jobs.
+    """
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        distributed.destroy_process_group()
 
 
 def resume_mismatch(checkpoint_path: str) -> str:
