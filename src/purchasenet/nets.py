@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,27 @@ def build_activation(spec: Mapping[str, Any]) -> nn.Module:
     return getattr(nn, class_name)(**kwargs)
 
 
+def stacked_layers(
+    linear: Callable[[int, int], nn.Module],
+    input_size: int,
+    output_size: int,
+    hidden_sizes: Sequence[int],
+    activation: Mapping[str, Any],
+    dropout: float,
+) -> list[nn.Module]:
+    """``linear(in, out)`` layers of the given hidden sizes, each followed by the activation
+    and dropout, then the output layer."""
+    layers: list[nn.Module] = []
+    width = input_size
+    for hidden in hidden_sizes:
+        layers += [linear(width, int(hidden)), build_activation(activation)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(hidden)
+    layers.append(linear(width, output_size))
+    return layers
+
+
 class MLP(nn.Sequential):
     """Linear layers of the given hidden sizes, each followed by the activation and dropout."""
 
@@ -37,15 +59,9 @@ class MLP(nn.Sequential):
         activation: Mapping[str, Any],
         dropout: float = 0.0,
     ) -> None:
-        layers: list[nn.Module] = []
-        width = input_size
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, int(hidden)), build_activation(activation)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(hidden)
-        layers.append(nn.Linear(width, output_size))
-        super().__init__(*layers)
+        super().__init__(
+            *stacked_layers(nn.Linear, input_size, output_size, hidden_sizes, activation, dropout)
+        )
 
     @property
     def linear_layers(self) -> list[nn.Linear]:
@@ -116,15 +132,12 @@ class MLPEnsemble(nn.Sequential):
         members = int(members)
         if not 1 <= members <= MAX_MEMBERS:
             raise ValueError(f"members must be between 1 and {MAX_MEMBERS}, got {members}")
-        layers: list[nn.Module] = [_Replicate(members)]
-        width = input_size
-        for hidden in hidden_sizes:
-            layers += [BatchedLinear(members, width, int(hidden)), build_activation(activation)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(hidden)
-        layers += [BatchedLinear(members, width, output_size), _MemberMean()]
-        super().__init__(*layers)
+        linear = partial(BatchedLinear, members)
+        super().__init__(
+            _Replicate(members),
+            *stacked_layers(linear, input_size, output_size, hidden_sizes, activation, dropout),
+            _MemberMean(),
+        )
         self.members = members
 
     def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
