@@ -233,6 +233,16 @@ def test_eval_and_predict_never_import_lightning():
     assert result.stdout.strip() == "[]"
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(train_config, tmp_path):
+    # With a learning rate of 0 no later epoch improves on the first.
+    train(train_config("data=xor", "trainer.max_epochs=4", "model.optimizer.lr=0",
+                       "run_name=still", *QUICK))
+    run = tmp_path / "checkpoints" / "still"
+
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 3
+    assert torch.load(run / "best.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_resume_continues_the_same_run_to_the_new_epoch_count(train_config, tmp_path):
     train(train_config("data=xor", "trainer.max_epochs=2", *QUICK))
     (run,) = run_folders(tmp_path, "checkpoints")
@@ -289,6 +299,32 @@ def test_resume_from_a_copied_run_continues_in_the_copy(train_config, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "copy" / "last.ckpt", weights_only=True)["epoch"] == 1
     resumed = tmp_path / "checkpoints" / "original-resumed" / "last.ckpt"
     assert torch.load(resumed, weights_only=True)["epoch"] == 1
+
+
+def test_a_copied_run_keeps_its_best_checkpoint_record(tmp_path):
+    from purchasenet.callbacks import RunCheckpoint
+
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "best.ckpt").write_bytes(b"stand-in")
+    stored = {
+        "dirpath": str(tmp_path / "original"),
+        "best_model_path": str(tmp_path / "original" / "best.ckpt"),
+        "best_model_score": torch.tensor(0.25),
+        "kth_best_model_path": str(tmp_path / "original" / "best.ckpt"),
+        "kth_value": torch.tensor(0.25),
+        "best_k_models": {str(tmp_path / "original" / "best.ckpt"): torch.tensor(0.25)},
+        "last_model_path": "",
+    }
+
+    copy = RunCheckpoint(dirpath=tmp_path / "copy", filename="best", monitor="val/loss")
+    copy.load_state_dict(stored)
+    assert copy.best_model_score == pytest.approx(0.25)
+    assert copy.best_model_path == str(tmp_path / "copy" / "best.ckpt")
+
+    elsewhere = RunCheckpoint(dirpath=tmp_path / "new", filename="best", monitor="val/loss")
+    with pytest.warns(UserWarning, match="The dirpath has changed"):
+        elsewhere.load_state_dict(stored)  # no best.ckpt there: a record of its own
+    assert elsewhere.best_model_score is None
 
 
 def test_same_seed_gives_the_same_metrics(train_config, tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import nn
@@ -54,6 +54,32 @@ def hidden_activations(net: nn.Sequential, inputs: torch.Tensor) -> dict[str, to
                 outputs[names[len(outputs)]] = values.detach().cpu()
     net.train(was_training)
     return outputs
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also keeps its record when the run folder was copied.
+
+    Resumed from ``checkpoints/<copy>/last.ckpt``, Lightning would forget the best score, as
+    the stored folder is the original's, and the next epoch would replace the copy's
+    ``best.ckpt`` even when worse. Here the record carries over whenever the copy holds the
+    recorded file.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored_folder = state_dict.get("dirpath")
+        recorded = Path(str(state_dict.get("best_model_path") or ""))
+        here = Path(self.dirpath) / recorded.name if self.dirpath and recorded.name else None
+        moved = stored_folder is not None and self.dirpath is not None and (
+            Path(stored_folder).resolve() != Path(self.dirpath).resolve()
+        )
+        if not (moved and here is not None and here.is_file()):
+            super().load_state_dict(state_dict)
+            return
+        state = dict(state_dict, dirpath=self.dirpath, best_model_path=str(here))
+        state["kth_best_model_path"] = str(here)
+        state["best_k_models"] = {str(here): state_dict.get("best_model_score")}
+        state["last_model_path"] = ""
+        super().load_state_dict(state)
 
 
 def tensorboard_writer(trainer: L.Trainer):

@@ -254,7 +254,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     metrics["time/fit_seconds"] = fit_seconds
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = next(
+        (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None), None
+    )
     best_path = checkpoint.best_model_path if checkpoint else ""
     if cfg.get("calibration") and best_path:
         calibration = calibrate(
