@@ -91,3 +91,41 @@ def test_an_output_that_is_a_folder_or_unwritable_ends_in_one_message(browsing, 
         predict_file(browsing, source, tmp_path)
     with pytest.raises(DataError, match=r"cannot write output .*blocked/scored.csv"):
         predict_file(browsing, source, tmp_path / "blocked" / "scored.csv")
+
+
+def test_the_checkpoint_is_never_overwritten(browsing, tmp_path):
+    source = tmp_path / "visits.csv"
+    source.write_text("browsing_time\n5.0\n")
+    before = browsing.read_bytes()
+
+    with pytest.raises(DataError, match="is the checkpoint; write the scored rows to another"):
+        predict_file(browsing, source, browsing)
+    assert browsing.read_bytes() == before
+
+
+def test_a_value_too_large_for_float32_still_gets_a_probability(browsing, tmp_path):
+    source = tmp_path / "visits.csv"
+    source.write_text("browsing_time\n5.0\n1e300\n")
+
+    predict_file(browsing, source, tmp_path / "scored.csv")
+
+    scored = pd.read_csv(tmp_path / "scored.csv")
+    assert scored["probability_purchase"].notna().all()
+    assert scored["prediction"].tolist() == ["no_purchase", "purchase"]
+
+
+def test_a_row_scores_the_same_whatever_its_neighbours_make_of_the_column_type(tmp_path):
+    checkpoint = shoppers_checkpoint(tmp_path / "shoppers.ckpt")
+    rows = pd.DataFrame(shoppers_rows())
+    rows.to_csv(tmp_path / "booleans.csv", index=False)
+    # One row of text turns the whole Weekend column into text.
+    odd = rows.iloc[[0]].assign(Weekend="sometimes")
+    pd.concat([rows, odd]).to_csv(tmp_path / "text.csv", index=False)
+
+    predict_file(checkpoint, tmp_path / "booleans.csv", tmp_path / "a.csv")
+    with pytest.warns(UserWarning, match=r"'Weekend' holds values training never saw \('sometimes'\)"):
+        predict_file(checkpoint, tmp_path / "text.csv", tmp_path / "b.csv")
+
+    first = pd.read_csv(tmp_path / "a.csv")["probability_purchase"]
+    second = pd.read_csv(tmp_path / "b.csv")["probability_purchase"]
+    assert second[:3].tolist() == pytest.approx(first.tolist(), rel=1e-6)

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from purchasenet.errors import CheckpointError
-from purchasenet.features import FeatureEncoder
+from purchasenet.features import CATEGORICAL, FeatureEncoder
 from purchasenet.nets import build_net
 
 BUNDLE_KEY = "purchasenet"
 BUNDLE_VERSION = 1
+# Inputs are clamped this many training standard deviations from the training mean, so no
+# input, however large, overflows float32 on its way into the network.
+MAX_STANDARD_DEVIATIONS = 1e6
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,6 +78,20 @@ def _refused_content(error: pickle.UnpicklingError) -> str:
         return content
     what = found.group(0).replace("operand", "pickle opcode")
     return f"{content} ({what})"
+
+
+def input_limits(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """Per network input, the lowest and highest value scored; see MAX_STANDARD_DEVIATIONS."""
+    lows, highs = [], []
+    for feature in encoder.features:
+        if feature.spec.kind == CATEGORICAL:
+            lows += [0.0] * feature.width
+            highs += [1.0] * feature.width
+            continue
+        centre, spread = (0.0, 1.0) if encoder.scale else (feature.mean, feature.std)
+        lows.append(centre - MAX_STANDARD_DEVIATIONS * spread)
+        highs.append(centre + MAX_STANDARD_DEVIATIONS * spread)
+    return np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
 
 
 @dataclass
@@ -157,8 +174,15 @@ class PurchaseModel:
             return torch.sigmoid(logits.squeeze(-1)).numpy()
         return torch.softmax(logits, dim=-1).numpy()
 
+    def encode(self, columns: Mapping[str, Sequence]) -> np.ndarray:
+        """The network inputs for raw columns, clamped as MAX_STANDARD_DEVIATIONS describes."""
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, then the limit
+            inputs = self.encoder.transform(columns)
+        low, high = input_limits(self.encoder)
+        return np.clip(inputs, low, high, out=inputs)
+
     def predict_proba(self, columns: Mapping[str, Sequence]) -> np.ndarray:
-        return self.probabilities_from_inputs(self.encoder.transform(columns))
+        return self.probabilities_from_inputs(self.encode(columns))
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Binary: 1.0 where the purchase probability reaches the threshold; else class index."""

@@ -53,7 +53,28 @@ def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
                     f"{path.name}: column {column!r} {rule}; data row {row} (line {row + 1}) "
                     f"holds {value!r}"
                 )
+    frame = _known_categories_by_text(frame, model)
     _warn_unseen_categories(frame, model, path.name)
+    return frame
+
+
+def _known_categories_by_text(frame: pd.DataFrame, model: PurchaseModel) -> pd.DataFrame:
+    """Read a category written as text (``True`` in a column that pandas kept as text because
+    of another row) as the training category it spells, so a row scores whatever its
+    neighbours; the server's JSON carries the types themselves."""
+    encoder = model.encoder
+    frame = frame.copy()
+    for position, feature in enumerate(encoder.features):
+        if feature.spec.kind == NUMERIC:
+            continue
+        by_text = {str(category): category for category in feature.categories}
+
+        def known(value, position=position, by_text=by_text):
+            if encoder.category_index(position, value) >= 0:
+                return value
+            return by_text.get(str(value), value)
+
+        frame[feature.spec.name] = frame[feature.spec.name].map(known)
     return frame
 
 
@@ -96,15 +117,14 @@ def predict_rows(model: PurchaseModel, frame: pd.DataFrame) -> pd.DataFrame:
 def predict_file(checkpoint: str | Path, source: str | Path, target: str | Path) -> int:
     """Score ``source`` with ``checkpoint`` into ``target``; return the number of rows.
 
-    The output appears whole or not at all, and never replaces the input file.
+    The output appears whole or not at all, and never replaces the input or the checkpoint.
     """
     source, target = Path(source), Path(target)
     if target.is_dir():
         raise DataError(f"output {target} is a folder; name a file, e.g. {target / 'scored.csv'}")
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise DataError(
-            f"output {target} is the input file; write the scored rows to another path"
-        )
+    for kept, what in ((source, "input file"), (Path(checkpoint), "checkpoint")):
+        if target.exists() and kept.exists() and target.resolve() == kept.resolve():
+            raise DataError(f"output {target} is the {what}; write the scored rows to another path")
     model = PurchaseModel.from_checkpoint(checkpoint)
     scored = predict_rows(model, read_rows(source, model))
     partial = target.with_name(f".{target.name}.partial")

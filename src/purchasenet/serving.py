@@ -53,7 +53,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from purchasenet.batching import QUEUE_POLL_S, IsolatingBatchLoop
 from purchasenet.features import CATEGORICAL, NUMERIC, FeatureEncoder, FittedFeature
-from purchasenet.inference import BUNDLE_KEY, CheckpointError, PurchaseModel, read_checkpoint
+from purchasenet.inference import (
+    BUNDLE_KEY,
+    CheckpointError,
+    PurchaseModel,
+    input_limits,
+    read_checkpoint,
+)
 from purchasenet.request_guard import (
     RequestGuard,
     error_response,
@@ -64,9 +70,6 @@ from purchasenet.request_guard import (
 
 MAX_ROWS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
-# Inputs are clamped this many training standard deviations from the training mean, so no
-# input, however large, overflows float32 on its way into the network.
-MAX_STANDARD_DEVIATIONS = 1e6
 # A worker that dies is noticed and replaced within this many seconds.
 WORKER_CHECK_S = 0.5
 # On SIGTERM or Ctrl-C, requests in flight get this long to finish before the server stops.
@@ -299,20 +302,6 @@ def training_range_warnings(
                 ),
             })
     return found
-
-
-def input_limits(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """Per network input, the lowest and highest value scored; see MAX_STANDARD_DEVIATIONS."""
-    lows, highs = [], []
-    for feature in encoder.features:
-        if feature.spec.kind == CATEGORICAL:
-            lows += [0.0] * feature.width
-            highs += [1.0] * feature.width
-            continue
-        centre, spread = (0.0, 1.0) if encoder.scale else (feature.mean, feature.std)
-        lows.append(centre - MAX_STANDARD_DEVIATIONS * spread)
-        highs.append(centre + MAX_STANDARD_DEVIATIONS * spread)
-    return np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
 
 
 def _worker_index() -> int:
