@@ -83,6 +83,7 @@ def check_resume(cfg: DictConfig, model) -> None:
     for key, setting, default in (
         ("hidden_sizes", "model.hidden_sizes", None),
         ("members", "model.members", 1),
+        ("dropout", "model.dropout", 0.0),
     ):
         before, now = stored_net.get(key, default), current_net.get(key, default)
         if before != now:
@@ -91,6 +92,13 @@ def check_resume(cfg: DictConfig, model) -> None:
         differences.append(
             f"activation {activation_name(stored_net['activation'])} "
             f"(here {activation_name(current_net['activation'])})"
+        )
+    stored_model = dict((bundle.get("config") or {}).get("model") or {})
+    weights = OmegaConf.to_container(cfg.model, resolve=True).get("class_weights")
+    if stored_model and stored_model.get("class_weights") != weights:
+        differences.append(
+            f"model.class_weights {_shown(stored_model.get('class_weights'))} "
+            f"(here {_shown(weights)})"
         )
     stored_data = dict((bundle.get("config") or {}).get("data") or {})
     current_data = stored_config(cfg)["data"]
@@ -124,6 +132,9 @@ def _dataset_differences(stored: Any, current: Any) -> list[str]:
 
 
 def _shown(value: Any) -> str:
+    """A setting as one writes it on the command line."""
+    if value is None:
+        return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(str(item) for item in value) + "]"
     return str(value)
