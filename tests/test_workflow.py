@@ -265,7 +265,7 @@ def test_resume_continues_the_same_run_to_the_new_epoch_count(train_config, tmp_
         ("data.dataset.seed=1", r"data.dataset.seed 0 \(here 1\)"),
         ("model.hidden_sizes=[8,8]", r"model.hidden_sizes \[16,16\] \(here \[8,8\]\)"),
         ("model.dropout=0.3", r"model.dropout 0.0 \(here 0.3\)"),
-        ("model.class_weights=[1,3]", r"model.class_weights None \(here \[1,3\]\)"),
+        ("model.class_weights=[1,3]", r"model.class_weights null \(here \[1,3\]\)"),
     ],
 )
 def test_resume_with_another_network_or_data_is_refused_and_writes_nothing(
