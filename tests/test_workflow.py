@@ -345,6 +345,8 @@ def test_same_seed_gives_the_same_metrics(train_config, tmp_path):
 def test_eval_warns_when_the_training_csv_has_changed(train_config, tmp_path):
     import warnings
 
+    from purchasenet.errors import DataError
+
     from purchasenet.training import train
 
     rng = np.random.default_rng(0)
@@ -361,4 +363,13 @@ def test_eval_warns_when_the_training_csv_has_changed(train_config, tmp_path):
         evaluate_checkpoint(checkpoint)  # unchanged file: no warning
     visits.iloc[::-1].to_csv(path, index=False)
     with pytest.warns(UserWarning, match=r"visits.csv has changed since training \(its sha256"):
+        evaluate_checkpoint(checkpoint)
+
+    visits.assign(bought=visits["bought"].astype(str).where(visits.index > 2, "maybe")).to_csv(
+        path, index=False
+    )
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=(
+        r"the target now holds the classes \['0', '1', 'maybe'\], the checkpoint was trained "
+        r"on \['0', '1'\]"
+    )):
         evaluate_checkpoint(checkpoint)

@@ -29,7 +29,7 @@ from torchmetrics.classification import (
 
 from purchasenet.calibration import ECE_BINS
 from purchasenet.datasets import TARGET, PurchaseDataset
-from purchasenet.errors import CheckpointError, ConfigError
+from purchasenet.errors import CheckpointError, ConfigError, DataError
 from purchasenet.inference import PurchaseModel
 
 SPLITS = ("train", "val", "test")
@@ -100,6 +100,12 @@ def evaluate_checkpoint(
             stacklevel=2,
         )
     frame = getattr(dataset.load(), split)
+    if list(dataset.class_names) != list(model.class_names):
+        raise DataError(
+            f"{getattr(dataset, 'path', 'the data set')}: the target now holds the classes "
+            f"{list(dataset.class_names)}, the checkpoint was trained on "
+            f"{list(model.class_names)}; evaluate on the data it was trained with"
+        )
     class_weights = config.get("model", {}).get("class_weights")
     metrics = score(model, frame, class_weights)
     return model, {f"{split}/{name}": value for name, value in sorted(metrics.items())}, len(frame)
