@@ -299,6 +299,22 @@ class CsvDataset(PurchaseDataset):
                     f"{where}: column {column!r} has an infinite value at data row {row}"
                 )
             frame[column] = values.astype(np.float64)
+        for spec in self.features:
+            if spec.kind != NUMERIC:
+                continue
+            values = frame[spec.name].to_numpy()
+            checks = []
+            if spec.minimum is not None:
+                checks.append((values < spec.minimum, f"≥ {spec.minimum:g}"))
+            if spec.maximum is not None:
+                checks.append((values > spec.maximum, f"≤ {spec.maximum:g}"))
+            for outside, rule in checks:
+                if outside.any():
+                    row = int(np.flatnonzero(outside)[0]) + 1
+                    raise DataError(
+                        f"{where}: column {spec.name!r} must be {rule} (data.dataset.bounds); "
+                        f"data row {row} (line {row + 1}) holds {values[row - 1]:g}"
+                    )
         return frame
 
     def _encode_target(self, target: pd.Series) -> np.ndarray:
