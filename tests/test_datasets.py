@@ -142,9 +142,9 @@ def test_csv_dataset_encodes_any_target_with_named_classes(tmp_path):
         ("a,y\n", {"target": "y", "numeric": ["a"]}, "has a header but no rows"),
         ("", {"target": "y", "numeric": ["a"]}, "the file is empty"),
         ("a,y\n1,0\n-2,1\n", {"target": "y", "numeric": ["a"], "bounds": {"a": [0, None]}},
-         "column 'a' must be ≥ 0 (data.dataset.bounds); data row 2 (line 3) holds -2"),
+         "column 'a' must be at least 0 (data.dataset.bounds); data row 2 (line 3) holds -2"),
         ("a,y\n1,0\n120,1\n", {"target": "y", "numeric": ["a"], "bounds": {"a": [None, 100]}},
-         "column 'a' must be ≤ 100 (data.dataset.bounds); data row 2 (line 3) holds 120"),
+         "column 'a' must be at most 100 (data.dataset.bounds); data row 2 (line 3) holds 120"),
     ],
 )
 def test_bad_csv_is_reported_with_the_column_and_row(tmp_path, content, options, message):

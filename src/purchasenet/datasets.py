@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from purchasenet.errors import DataError
-from purchasenet.features import CATEGORICAL, NUMERIC, FeatureSpec
+from purchasenet.features import CATEGORICAL, NUMERIC, FeatureSpec, first_failed_row
 
 TARGET = "target"
 PURCHASE_CLASSES = ["no_purchase", "purchase"]
@@ -303,18 +303,13 @@ class CsvDataset(PurchaseDataset):
             if spec.kind != NUMERIC:
                 continue
             values = frame[spec.name].to_numpy()
-            checks = []
-            if spec.minimum is not None:
-                checks.append((values < spec.minimum, f"≥ {spec.minimum:g}"))
-            if spec.maximum is not None:
-                checks.append((values > spec.maximum, f"≤ {spec.maximum:g}"))
-            for outside, rule in checks:
-                if outside.any():
-                    row = int(np.flatnonzero(outside)[0]) + 1
-                    raise DataError(
-                        f"{where}: column {spec.name!r} must be {rule} (data.dataset.bounds); "
-                        f"data row {row} (line {row + 1}) holds {values[row - 1]:g}"
-                    )
+            found = first_failed_row(spec.bound_checks(values))
+            if found is not None:
+                row, rule = found
+                raise DataError(
+                    f"{where}: column {spec.name!r} must {rule} (data.dataset.bounds); data row "
+                    f"{row + 1} (line {row + 2}) holds {values[row]:g}"
+                )
         return frame
 
     def _encode_target(self, target: pd.Series) -> np.ndarray:

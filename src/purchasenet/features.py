@@ -44,6 +44,23 @@ class FeatureSpec:
         if self.transform == "log1p" and (self.minimum is None or self.minimum < 0):
             raise ValueError(f"feature {self.name!r}: log1p needs a minimum of at least 0")
 
+    def bound_checks(self, values: np.ndarray) -> list[tuple[np.ndarray, str]]:
+        """Per physical bound: which values break it, and the rule ("be at least 0")."""
+        checks = []
+        if self.minimum is not None:
+            checks.append((values < self.minimum, f"be at least {self.minimum:g}"))
+        if self.maximum is not None:
+            checks.append((values > self.maximum, f"be at most {self.maximum:g}"))
+        return checks
+
+
+def first_failed_row(checks: Sequence[tuple[np.ndarray, str]]) -> tuple[int, str] | None:
+    """The first check that some row fails: (row index, its rule); None when all pass."""
+    for failed, rule in checks:
+        if failed.any():
+            return int(np.flatnonzero(failed)[0]), rule
+    return None
+
 
 @dataclass
 class FittedFeature:

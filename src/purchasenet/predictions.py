@@ -17,7 +17,7 @@ import pandas as pd
 
 from purchasenet.datasets import read_csv_file, require_values
 from purchasenet.errors import DataError
-from purchasenet.features import NUMERIC
+from purchasenet.features import NUMERIC, first_failed_row
 from purchasenet.inference import PurchaseModel
 
 
@@ -38,21 +38,16 @@ def read_rows(path: str | Path, model: PurchaseModel) -> pd.DataFrame:
         if feature.spec.kind != NUMERIC:
             continue
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
-        spec = feature.spec
-        checks = [(~np.isfinite(values), "must hold finite numbers")]
-        if spec.minimum is not None:
-            checks.append((values < spec.minimum, f"must be at least {spec.minimum:g}"))
-        if spec.maximum is not None:
-            checks.append((values > spec.maximum, f"must be at most {spec.maximum:g}"))
-        for bad, rule in checks:
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0]) + 1
-                value = frame[column].iloc[row - 1]
-                value = value.item() if isinstance(value, np.generic) else value
-                raise DataError(
-                    f"{path.name}: column {column!r} {rule}; data row {row} (line {row + 1}) "
-                    f"holds {value!r}"
-                )
+        checks = [(~np.isfinite(values), "hold finite numbers")]
+        found = first_failed_row(checks + feature.spec.bound_checks(values))
+        if found is not None:
+            row, rule = found
+            value = frame[column].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value
+            raise DataError(
+                f"{path.name}: column {column!r} must {rule}; data row {row + 1} "
+                f"(line {row + 2}) holds {value!r}"
+            )
     frame = _known_categories_by_text(frame, model)
     _warn_unseen_categories(frame, model, path.name)
     return frame
