@@ -283,6 +283,7 @@ def test_resume_with_another_network_or_data_is_refused_and_writes_nothing(
     assert {path.name: path.read_bytes() for path in run.iterdir()} == before
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the file from elsewhere
 def test_resume_from_a_copied_run_continues_in_the_copy(train_config, tmp_path):
     import shutil
 
