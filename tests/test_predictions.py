@@ -31,7 +31,7 @@ def test_scored_file_keeps_every_row_and_column(browsing, tmp_path):
     ("minutes", "message"),
     [
         ("-3.0", r"column 'browsing_time' must be at least 0; data row 2 \(line 3\) holds -3.0"),
-        ("inf", r"column 'browsing_time' must hold finite numbers; data row 2 \(line 3\) holds inf"),
+        ("inf", r"'browsing_time' must hold finite numbers; data row 2 \(line 3\) holds inf"),
     ],
 )
 def test_values_the_server_refuses_stop_batch_prediction_too(browsing, tmp_path, minutes, message):
@@ -123,7 +123,8 @@ def test_a_row_scores_the_same_whatever_its_neighbours_make_of_the_column_type(t
     pd.concat([rows, odd]).to_csv(tmp_path / "text.csv", index=False)
 
     predict_file(checkpoint, tmp_path / "booleans.csv", tmp_path / "a.csv")
-    with pytest.warns(UserWarning, match=r"'Weekend' holds values training never saw \('sometimes'\)"):
+    unseen = r"'Weekend' holds values training never saw \('sometimes'\)"
+    with pytest.warns(UserWarning, match=unseen):
         predict_file(checkpoint, tmp_path / "text.csv", tmp_path / "b.csv")
 
     first = pd.read_csv(tmp_path / "a.csv")["probability_purchase"]

@@ -299,7 +299,8 @@ def test_resume_from_a_copied_run_continues_in_the_copy(train_config, tmp_path):
                        "trainer.max_epochs=2", *QUICK))
 
     assert {path.name: path.read_bytes() for path in original.iterdir()} == before
-    assert torch.load(tmp_path / "checkpoints" / "copy" / "last.ckpt", weights_only=True)["epoch"] == 1
+    copy_last = torch.load(tmp_path / "checkpoints" / "copy" / "last.ckpt", weights_only=True)
+    assert copy_last["epoch"] == 1
     resumed = tmp_path / "checkpoints" / "original-resumed" / "last.ckpt"
     assert torch.load(resumed, weights_only=True)["epoch"] == 1
 

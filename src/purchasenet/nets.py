@@ -93,7 +93,7 @@ class BatchedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         members = self.weight.shape[0]
-        return f"members={members}, in_features={self.in_features}, out_features={self.out_features}"
+        return f"members={members}, in={self.in_features}, out={self.out_features}"
 
 
 class _Replicate(nn.Module):
