@@ -277,19 +277,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(calibration)
         for logger in loggers:
             logger.log_metrics(calibration, step=trainer.global_step)
+    finished: dict[str, Any] = {"finished": True}
     if cfg.get("test") and best_path:
         results = trainer.test(
             model, datamodule=datamodule, ckpt_path=best_path, weights_only=True, verbose=False
         )
-        test_metrics = {key: float(value) for key, value in results[0].items()}
-        metrics.update(test_metrics)
+        finished["test_metrics"] = {key: float(value) for key, value in results[0].items()}
+        metrics.update(finished["test_metrics"])
         if trainer.is_global_zero:
-            store_test_metrics(best_path, test_metrics)
             log_reliability_diagram(model, datamodule, loggers, trainer.global_step)
 
     if trainer.is_global_zero:
         if best_path:
-            update_bundle(best_path, finished=True)
+            update_bundle(best_path, **finished)
         for logger in loggers:
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
                 logger.experiment.add_scalar("time/fit_seconds", fit_seconds, trainer.global_step)
@@ -324,16 +324,6 @@ def resume_mismatch(checkpoint_path: str) -> str:
         f"with the settings it was trained with, e.g. model.hidden_sizes=[{sizes}] "
         f"model.members={members} (activation {activation}) and the same data set"
     )
-
-
-def store_test_metrics(checkpoint_path: str, test_metrics: dict[str, float]) -> None:
-    """Add the test metrics to the checkpoint's bundle, replacing the file atomically."""
-    path = Path(checkpoint_path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint[BUNDLE_KEY]["test_metrics"] = dict(test_metrics)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
