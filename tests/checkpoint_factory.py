@@ -94,6 +94,14 @@ def save_checkpoint(
     return path
 
 
+def save_browsing_checkpoint(path: Path, net: MLP, net_config: dict, **options: Any) -> Path:
+    """A binary model on minutes browsed, with :func:`browsing_encoder`."""
+    return save_checkpoint(
+        path, encoder=browsing_encoder(), net=net, net_config=net_config, task="binary",
+        class_names=["no_purchase", "purchase"], dataset="browsing", **options,
+    )
+
+
 def browsing_encoder() -> FeatureEncoder:
     """Minutes browsed, standardised with mean 30 and standard deviation 20."""
     spec = FeatureSpec("browsing_time", minimum=0.0, description="Minutes spent browsing.")
@@ -120,7 +128,6 @@ def browsing_checkpoint(
     One hidden ReLU unit: h = relu((minutes - 10) / 20), logit = 4 h - 2, so the probability is
     0.5 at exactly 20 minutes and the default threshold splits there.
     """
-    encoder = browsing_encoder()
     net_config = browsing_net_config(hidden_units=1)
     net = MLP(**net_config)
     with torch.no_grad():
@@ -129,17 +136,7 @@ def browsing_checkpoint(
         hidden.bias.fill_(1.0)
         output.weight.fill_(4.0)
         output.bias.fill_(-2.0)
-    return save_checkpoint(
-        path,
-        encoder=encoder,
-        net=net,
-        net_config=net_config,
-        task="binary",
-        class_names=["no_purchase", "purchase"],
-        dataset="browsing",
-        threshold=threshold,
-        run_name=run_name,
-    )
+    return save_browsing_checkpoint(path, net, net_config, threshold=threshold, run_name=run_name)
 
 
 def overflowing_browsing_checkpoint(path: Path) -> Path:
@@ -149,7 +146,6 @@ def overflowing_browsing_checkpoint(path: Path) -> Path:
     terms overflow float32 to +inf and -inf, whose sum is NaN. Below that they are exactly 0 and
     the model answers like :func:`browsing_checkpoint`.
     """
-    encoder = browsing_encoder()
     net_config = browsing_net_config(hidden_units=3)
     net = MLP(**net_config)
     with torch.no_grad():
@@ -159,16 +155,7 @@ def overflowing_browsing_checkpoint(path: Path) -> Path:
         hidden.bias.copy_(torch.tensor([1.0, -3.6e35, -3.6e35]))
         output.weight.copy_(torch.tensor([[4.0, 1e4, -1e4]]))
         output.bias.fill_(-2.0)
-    return save_checkpoint(
-        path,
-        encoder=encoder,
-        net=net,
-        net_config=net_config,
-        task="binary",
-        class_names=["no_purchase", "purchase"],
-        dataset="browsing",
-        run_name="overflowing-demo",
-    )
+    return save_browsing_checkpoint(path, net, net_config, run_name="overflowing-demo")
 
 
 def behavior_checkpoint(path: Path) -> Path:

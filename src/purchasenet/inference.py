@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +79,6 @@ def _refused_content(error: pickle.UnpicklingError) -> str:
         return content
     what = found.group(0).replace("operand", "pickle opcode")
     return f"{content} ({what})"
-
-
-def input_limits(encoder: FeatureEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """Per network input, the lowest and highest value scored; see MAX_STANDARD_DEVIATIONS."""
-    lows, highs = [], []
-    for feature in encoder.features:
-        if feature.spec.kind == CATEGORICAL:
-            lows += [0.0] * feature.width
-            highs += [1.0] * feature.width
-            continue
-        centre, spread = (0.0, 1.0) if encoder.scale else (feature.mean, feature.std)
-        lows.append(centre - MAX_STANDARD_DEVIATIONS * spread)
-        highs.append(centre + MAX_STANDARD_DEVIATIONS * spread)
-    return np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
 
 
 @dataclass
@@ -174,11 +161,26 @@ class PurchaseModel:
             return torch.sigmoid(logits.squeeze(-1)).numpy()
         return torch.softmax(logits, dim=-1).numpy()
 
+    @cached_property
+    def input_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per network input, the lowest and highest value scored; see MAX_STANDARD_DEVIATIONS."""
+        lows, highs = [], []
+        for feature in self.encoder.features:
+            if feature.spec.kind == CATEGORICAL:
+                lows += [0.0] * feature.width
+                highs += [1.0] * feature.width
+                continue
+            scale = self.encoder.scale
+            centre, spread = (0.0, 1.0) if scale else (feature.mean, feature.std)
+            lows.append(centre - MAX_STANDARD_DEVIATIONS * spread)
+            highs.append(centre + MAX_STANDARD_DEVIATIONS * spread)
+        return np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
+
     def encode(self, columns: Mapping[str, Sequence]) -> np.ndarray:
         """The network inputs for raw columns, clamped as MAX_STANDARD_DEVIATIONS describes."""
         with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, then the limit
             inputs = self.encoder.transform(columns)
-        low, high = input_limits(self.encoder)
+        low, high = self.input_limits
         return np.clip(inputs, low, high, out=inputs)
 
     def predict_proba(self, columns: Mapping[str, Sequence]) -> np.ndarray:

@@ -154,9 +154,7 @@ class PurchaseClassifier(L.LightningModule):
 
     def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of each network: (members, rows, outputs); one member for a single MLP."""
-        if self.hparams.members > 1:
-            return self.net.member_logits(inputs)
-        return self.net(inputs).unsqueeze(0)
+        return self.net.member_logits(inputs)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch

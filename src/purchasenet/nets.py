@@ -63,6 +63,10 @@ class MLP(nn.Sequential):
             *stacked_layers(nn.Linear, input_size, output_size, hidden_sizes, activation, dropout)
         )
 
+    def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The logits as those of a one-member ensemble: (1, rows, outputs)."""
+        return self(inputs).unsqueeze(0)
+
     @property
     def linear_layers(self) -> list[nn.Linear]:
         return [m for m in self if isinstance(m, nn.Linear)]

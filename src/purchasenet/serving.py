@@ -57,7 +57,6 @@ from purchasenet.inference import (
     BUNDLE_KEY,
     CheckpointError,
     PurchaseModel,
-    input_limits,
     read_checkpoint,
 )
 from purchasenet.request_guard import (
@@ -353,7 +352,6 @@ class PurchaseAPI(ls.LitAPI):
         # The networks are small: one thread per worker is faster than contending threads.
         torch.set_num_threads(1)
         self.model = PurchaseModel.from_checkpoint(self.checkpoint_path)
-        self.input_low, self.input_high = input_limits(self.model.encoder)
         if self.worker_pids is not None:
             self.worker_pids[_worker_index()] = os.getpid()
 
@@ -375,8 +373,7 @@ class PurchaseAPI(ls.LitAPI):
         columns = request.columns() if isinstance(request, FeatureColumns) else request
         encoder = self.model.encoder
         row_count = len(columns[encoder.names[0]])
-        inputs = encoder.transform(columns)
-        np.clip(inputs, self.input_low, self.input_high, out=inputs)
+        inputs = self.model.encode(columns)
         found = unseen_category_warnings(encoder, columns)
         found += training_range_warnings(encoder, columns)
         return EncodedRows(inputs=inputs, row_counts=[row_count], warnings=[found])
